@@ -1,0 +1,2 @@
+"Star-import everything public: `from fastai_ls.all import *`"
+from .losses import *
