@@ -1,0 +1,224 @@
+"Property tests of the label-smoothing loss against torch's `F.cross_entropy` and float64 formulas written out by hand"
+import math
+import pytest, torch, torch.nn.functional as F
+from hypothesis import given, settings, strategies as st, HealthCheck
+from fastai.losses import LabelSmoothingCrossEntropy
+import fastai_ls.losses as L
+from fastai_ls.losses import LabelSmoothingCE, label_smoothing_ce, smooth_targets
+
+N_CASES = 400  # per property test; the three below make 1,200 float64 cases
+relaxed = settings(max_examples=N_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+@pytest.fixture(params=[False, True], ids=['default-blocks', 'tiny-blocks'])
+def blocks(request, monkeypatch):
+    "Run each property with the default block size and with blocks of a few elements, to exercise the blockwise paths"
+    if request.param:
+        monkeypatch.setattr(L, '_MAX_BLOCK', 5)
+        monkeypatch.setattr(L, '_MIN_BLOCK', 5)
+    return request.param
+
+@st.composite
+def problems(draw, soft=None):
+    "A random loss problem: logits (N, C, *spatial), targets, eps, weight, reduction, ignored positions"
+    n = draw(st.integers(0, 6))
+    k = draw(st.integers(2, 7))
+    spatial = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn((n, k) + spatial, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.1, 1., 10.]))
+    is_soft = draw(st.booleans()) if soft is None else soft
+    if is_soft:
+        target = torch.softmax(torch.randn(x.shape, generator=g, dtype=torch.float64) * 3, 1)
+    else:
+        target = torch.randint(0, k, (n,) + spatial, generator=g)
+        ignore_p = draw(st.sampled_from([0., 0.3, 1.]))
+        target[torch.rand(target.shape, generator=g) < ignore_p] = -100
+    weight = torch.rand(k, generator=g, dtype=torch.float64) + 0.05 if draw(st.booleans()) else None
+    eps = draw(st.floats(0., 0.99))
+    reduction = draw(st.sampled_from(['none', 'mean', 'sum']))
+    return x, target, eps, weight, reduction
+
+def _value_and_grad(fn, x, cotangent_seed=0):
+    "The loss and the gradient of <loss, random cotangent> with respect to x"
+    x = x.clone().requires_grad_()
+    loss = fn(x)
+    ct = torch.rand(loss.shape, generator=torch.Generator().manual_seed(cotangent_seed), dtype=loss.dtype) + 0.5
+    (loss * ct).sum().backward()
+    return loss.detach(), x.grad
+
+@relaxed
+@given(problems())
+def test_matches_torch(blocks, prob):
+    x, target, eps, weight, reduction = prob
+    ours, g_ours = _value_and_grad(lambda x: label_smoothing_ce(x, target, eps, weight=weight, reduction=reduction), x)
+    ref, g_ref = _value_and_grad(lambda x: F.cross_entropy(x, target, weight=weight, label_smoothing=eps, reduction=reduction), x)
+    if reduction == 'mean' and torch.isnan(ref):
+        # all targets ignored, or an empty batch: torch gives NaN, we give 0 and a zero gradient
+        assert ours.item() == 0. and (g_ours == 0).all()
+        return
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-9)
+
+def _hand_loss(x, target, eps, variant, reduction):
+    "The variants written out with explicit target distributions, in float64, without weights"
+    n, k = x.shape[:2]
+    logp = torch.log_softmax(x, 1)
+    keep = target != -100
+    onehot = F.one_hot(target.clamp_min(0), k).movedim(-1, 1).double()
+    if variant == 'others': q = onehot * (1 - eps) + (1 - onehot) * eps / (k - 1)
+    else: q = onehot * (1 - eps + eps / k) + (1 - onehot) * eps / k
+    per_pos = -(q * logp).sum(1)
+    if variant == 'kl': per_pos = per_pos + torch.xlogy(q, q).sum(1)
+    per_pos = torch.where(keep, per_pos, 0.)
+    if reduction == 'none': return per_pos
+    if reduction == 'sum': return per_pos.sum()
+    return per_pos.sum() / keep.sum() if keep.any() else per_pos.sum() * 0
+
+@relaxed
+@given(problems(soft=False), st.sampled_from(['others', 'kl']))
+def test_variants_match_hand_formulas(blocks, prob, variant):
+    x, target, eps, _, reduction = prob
+    ours, g_ours = _value_and_grad(lambda x: label_smoothing_ce(x, target, eps, reduction=reduction, variant=variant), x)
+    ref, g_ref = _value_and_grad(lambda x: _hand_loss(x, target, eps, variant, reduction), x)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-9)
+
+@relaxed
+@given(problems(soft=True), st.sampled_from(['uniform', 'kl']))
+def test_kl_is_ce_minus_target_entropy(blocks, prob, variant):
+    "With weights and soft targets, 'kl' differs from the cross-entropy by the weighted target entropy only"
+    x, target, eps, weight, reduction = prob
+    ce, g_ce = _value_and_grad(lambda x: F.cross_entropy(x, target, weight=weight, label_smoothing=eps, reduction=reduction), x)
+    ours, g_ours = _value_and_grad(lambda x: label_smoothing_ce(x, target, eps, weight=weight, reduction=reduction, variant=variant), x)
+    if reduction == 'mean' and x.shape[0] == 0: return
+    q = target * (1 - eps) + eps / x.shape[1]
+    w = torch.ones(x.shape[1], dtype=x.dtype) if weight is None else weight
+    ent = torch.xlogy(q, q) * w.view((1, -1) + (1,) * (x.dim() - 2))
+    ent = ent.sum(1) if variant == 'kl' else torch.zeros_like(ent.sum(1))
+    ent = {'none': ent, 'sum': ent.sum(), 'mean': ent.mean()}[reduction]
+    torch.testing.assert_close(ours, ce + ent, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_ce, rtol=1e-9, atol=1e-9)
+
+@pytest.mark.parametrize('variant', ['uniform', 'others', 'kl'])
+@pytest.mark.parametrize('soft', [False, True])
+def test_gradcheck(variant, soft):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.softmax(torch.randn(5, 4, 3, generator=g, dtype=torch.float64), 1) if soft else torch.tensor([[0, 1, -100]] * 5)
+    weight = torch.rand(4, dtype=torch.float64, generator=g) + 0.1
+    for reduction in ['none', 'mean', 'sum']:
+        assert torch.autograd.gradcheck(lambda x: label_smoothing_ce(x, target, 0.3, weight=weight, reduction=reduction, variant=variant), (x,))
+
+def test_large_spatial_blocks_match_torch():
+    "N-d inputs whose spatial size spans several blocks, with the default block sizes"
+    x = torch.randn(2, 5, 300000, requires_grad=True)
+    y = torch.randint(0, 5, (2, 300000)); y[:, ::7] = -100
+    assert len(L._blocks(x.shape, x.numel() * 4, False, False)) > 3
+    ours = label_smoothing_ce(x, y, 0.2); ours.backward(); g = x.grad; x.grad = None
+    ref = F.cross_entropy(x, y, label_smoothing=0.2); ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-9)
+
+@pytest.mark.parametrize('reduction', ['none', 'mean', 'sum'])
+def test_matches_fastai(reduction):
+    x, y = torch.randn(64, 37, requires_grad=True), torch.randint(0, 37, (64,))
+    ours = LabelSmoothingCE(0.1, reduction=reduction)(x, y)
+    ref = LabelSmoothingCrossEntropy(0.1, reduction=reduction)(x, y)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g_ours, = torch.autograd.grad(ours.sum(), x); g_ref, = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('shape', [(64, 37), (4, 21, 8, 8), (3, 70000)])
+def test_half_precision_matches_float64(dtype, shape):
+    "Half inputs, including logits of +-1e4, give finite float32 losses and input-dtype gradients close to float64"
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) * 3)
+    x.view(-1)[::5] = 1e4; x.view(-1)[1::7] = -1e4
+    xh = x.to(dtype).requires_grad_()
+    y = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=g)
+    loss = label_smoothing_ce(xh, y, 0.1, reduction='none'); loss.sum().backward()
+    x64 = xh.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, y, label_smoothing=0.1, reduction='none'); ref.sum().backward()
+    assert loss.dtype == torch.float32 and xh.grad.dtype == dtype
+    assert loss.isfinite().all() and xh.grad.float().isfinite().all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(xh.grad.double(), x64.grad, rtol=1e-2, atol=1e-2)
+
+def test_compile_no_recompile_when_eps_changes():
+    "eps lives in a tensor buffer: five different values, one compiled graph, correct values and gradients"
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    lf = LabelSmoothingCE(0.1)
+    step = torch.compile(lambda x, y: lf(x, y), backend=counter, fullgraph=True)
+    x, y = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    compiles = []
+    for eps in [0.1, 0.0, 0.25, 0.5, 0.05]:
+        lf.eps = eps
+        xg = x.clone().requires_grad_()
+        loss = step(xg, y); loss.backward()
+        compiles.append(counter.frame_count)
+        xr = x.clone().requires_grad_()
+        ref = F.cross_entropy(xr, y, label_smoothing=eps); ref.backward()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-7)
+    assert compiles[0] >= 1 and compiles == compiles[:1] * 5, f"graphs compiled after each eps: {compiles}"
+
+def test_compile_functional_tensor_eps():
+    "The functional API with a 0-dim tensor eps also compiles once"
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    f = torch.compile(label_smoothing_ce, backend=counter)
+    x, y = torch.randn(16, 6), torch.randint(0, 6, (16,))
+    compiles = []
+    for eps in [0.1, 0.2, 0.3]:
+        torch.testing.assert_close(f(x, y, torch.tensor(eps, dtype=torch.float64)), F.cross_entropy(x, y, label_smoothing=eps))
+        compiles.append(counter.frame_count)
+    assert compiles[0] >= 1 and compiles == compiles[:1] * 3, f"graphs compiled after each eps: {compiles}"
+
+def test_saved_state_is_O_N():
+    "Besides the input and target, backward keeps one float per position (the lse) and scalars"
+    x = torch.randn(128, 1000, requires_grad=True); y = torch.randint(0, 1000, (128,))
+    loss = label_smoothing_ce(x, y)
+    saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
+    extra = [t for t in saved if t.data_ptr() not in (x.data_ptr(), y.data_ptr())]
+    assert sum(t.numel() for t in extra) <= 128 + 3, [t.shape for t in extra]
+
+def test_smooth_targets_nd_and_errors():
+    y = torch.tensor([[0, 2], [1, -100]])
+    t = smooth_targets(y, 3, eps=0.3)
+    assert t.shape == (2, 3, 2)
+    torch.testing.assert_close(t[0, :, 1], torch.tensor([0.1, 0.1, 0.8]))
+    torch.testing.assert_close(t[1, :, 1], torch.zeros(3))
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    # ignored positions become zero rows: they add nothing to the summed loss
+    torch.testing.assert_close(label_smoothing_ce(x, t.double(), 0., reduction='sum'), label_smoothing_ce(x, y, 0.3, reduction='sum'))
+    with pytest.raises(ValueError, match='n_classes=4 on dim 1'): smooth_targets(torch.eye(3), 4)
+    with pytest.raises(ValueError, match='eps=1.5'): smooth_targets(y, 3, eps=1.5)
+    with pytest.raises(ValueError, match='n_classes=1'): smooth_targets(y, 1)
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(eps=float('nan')), 'outside \\[0, 1\\)'),
+    (dict(eps=torch.tensor([0.1, 0.2])), '0-dim tensor'),
+    (dict(target=torch.tensor([0, 1, 5])), 'class 5, outside \\[0, 4\\) for C=4'),
+    (dict(target=torch.tensor([0., 1., 2.])), "input's shape \\(3, 4\\)"),
+    (dict(target=torch.tensor([[0, 1, 2]])), 'must have shape \\(3,\\)'),
+    (dict(weight=torch.ones(3)), 'one entry per class \\(C=4\\)'),
+    (dict(weight=torch.tensor([1., 1., -0.5, 1.])), 'non-negative; got -0.5 at class 2'),
+    (dict(reduction='mean '), "reduction='mean ' is not one of"),
+    (dict(variant='KL'), "variant='KL' is not one of"),
+])
+def test_bad_input(bad, match):
+    args = dict(input=torch.randn(3, 4), target=torch.tensor([0, 1, 3]), eps=0.1) | bad
+    with pytest.raises((ValueError, TypeError), match=match): label_smoothing_ce(**args)
+
+def test_module_rejects_bad_settings():
+    with pytest.raises(ValueError, match='eps=1.0'): LabelSmoothingCE(eps=1.0)
+    with pytest.raises(ValueError, match="variant='x'"): LabelSmoothingCE(variant='x')
+    with pytest.raises(ValueError, match='non-negative'): LabelSmoothingCE(weight=torch.tensor([1., -1.]))
+    lf = LabelSmoothingCE(0.2)
+    with pytest.raises(ValueError, match='eps=nan'): lf.eps = float('nan')
+    assert math.isclose(lf.eps, 0.2)   # a rejected value leaves eps as it was
+    lf.reduction = 'avg'
+    with pytest.raises(ValueError, match="reduction='avg'"): lf(torch.randn(2, 3), torch.tensor([0, 1]))

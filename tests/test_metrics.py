@@ -1,0 +1,266 @@
+"Tests for `fastai_ls.metrics` that read better outside the notebook: independent references, Learners, PNG output."
+import math, io, warnings
+from types import SimpleNamespace
+import matplotlib
+matplotlib.use('Agg')
+import numpy as np, pytest, torch, torch.nn.functional as F
+from PIL import Image
+from sklearn.calibration import calibration_curve
+from sklearn.datasets import load_digits
+from torch import nn
+from fastai.basics import DataBlock, TransformBlock, CategoryBlock, RandomSplitter, Learner, CrossEntropyLossFlat, set_seed, noop, to_detach
+from fastai.distributed import DistributedDL
+from fastai_ls.metrics import *
+from fastai_ls.metrics import _prob_violation
+
+def two_col(conf, hits, dtype=torch.float64):
+    "3-class probabilities whose top class (0) has confidence `conf`; target 0 where `hits` else 1"
+    conf = torch.tensor(conf, dtype=torch.float64)
+    rest = (1-conf)/2
+    probs = torch.stack([conf, rest, 1-conf-rest], 1).to(dtype)
+    return probs, torch.where(torch.tensor(hits, dtype=torch.bool), 0, 1)
+
+# ---------------------------------------------------------------- ECE, hand-computed
+def test_ece_perfect_calibration_is_zero():
+    # confidence 1/2 right 1 time in 2, 3/4 right 3 times in 4, 1 always right
+    conf = [.5]*2 + [.75]*4 + [1.]*3
+    hits = [1, 0] + [1, 1, 1, 0] + [1]*3
+    probs, targs = two_col(conf, hits)
+    for m in (ECE(), ECE(n_bins=4), ECE(adaptive=True), MCE()): assert m(probs, targs) == pytest.approx(0, abs=1e-12)
+
+@pytest.mark.parametrize('n_bins', [1, 5, 15])
+@pytest.mark.parametrize('conf,acc', [(.9, .6), (.8, .25)])
+def test_ece_constant_overconfident(n_bins, conf, acc):
+    n = 400
+    probs, targs = two_col([conf]*n, [i < acc*n for i in range(n)])
+    assert ECE(n_bins)(probs, targs) == pytest.approx(conf-acc, abs=1e-12)
+    assert MCE(n_bins)(probs, targs) == pytest.approx(conf-acc, abs=1e-12)
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_ece_bin_edges(dtype):
+    # 10 items at 0.6 (all right) and 10 at 0.5 (all wrong). With 5 bins, 0.6 is the upper edge of (0.4, 0.6], so both
+    # groups share a bin: |0.5 - 0.55| = 0.05. Were 0.6 put into (0.6, 0.8] the ECE would be (0.4 + 0.5)/2 = 0.45.
+    probs, targs = two_col([.6]*10 + [.5]*10, [True]*10 + [False]*10, dtype)
+    assert ECE(5)(probs, targs) == pytest.approx(.05, abs=1e-6)
+    assert ECE(4)(probs, targs) == pytest.approx(.45, abs=1e-6)  # (0.5, 0.75] and (0.25, 0.5]: 0.5 on an edge too
+    _, cnt, _, _ = calibration_bins(torch.tensor([0., .2, .4, .6, .8, 1.], dtype=dtype), torch.ones(6), 5)
+    assert cnt.tolist() == [2, 1, 1, 1, 1]
+
+# ---------------------------------------------------------------- ECE against sklearn
+def sk_ece(hits, conf, n_bins):
+    "ECE and MCE from sklearn's per-bin accuracy/confidence, weighted by np.histogram counts (no value lies on an edge)"
+    prob_true, prob_pred = calibration_curve(hits, conf, n_bins=n_bins, strategy='uniform')
+    cnt = np.histogram(conf, bins=np.linspace(0, 1, n_bins+1))[0]
+    cnt = cnt[cnt > 0]
+    assert len(cnt) == len(prob_true)
+    gaps = np.abs(prob_true - prob_pred)
+    return (gaps*cnt).sum()/cnt.sum(), gaps.max()
+
+@pytest.mark.parametrize('seed,n_bins', [(0, 15), (1, 10), (2, 7)])
+def test_ece_matches_sklearn(seed, n_bins):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3000, 6, generator=g, dtype=torch.float64)*2
+    targs = torch.multinomial(F.softmax(logits*.7, 1), 1, generator=g)[:, 0]  # miscalibrated on purpose
+    probs = F.softmax(logits, 1).numpy()
+    conf, hits = probs.max(1), (probs.argmax(1) == targs.numpy())
+    ece, mce = sk_ece(hits, conf, n_bins)
+    assert ece > 0.01
+    for p in (logits, torch.from_numpy(probs)):
+        assert ECE(n_bins)(p, targs) == pytest.approx(ece, abs=1e-10)
+        assert MCE(n_bins)(p, targs) == pytest.approx(mce, abs=1e-10)
+    cw = np.mean([sk_ece(targs.numpy() == k, probs[:, k], n_bins)[0] for k in range(6)])
+    assert ECE(n_bins, classwise=True)(logits, targs) == pytest.approx(cw, abs=1e-10)
+
+def test_adaptive_ece_equal_mass_reference():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1003, 4, generator=g, dtype=torch.float64)*2
+    targs = torch.randint(0, 4, (1003,), generator=g)
+    probs = F.softmax(logits, 1).numpy()
+    conf, hits = probs.max(1), (probs.argmax(1) == targs.numpy())
+    o, m, b = np.argsort(conf), len(conf), 10
+    chunks = np.split(o, [math.ceil(i*m/b) for i in range(1, b)])  # bin i holds the ranks up to ceil(i*m/b)
+    ref = sum(len(c)*abs(conf[c].mean() - hits[c].mean()) for c in chunks)/m
+    assert ECE(b, adaptive=True)(logits, targs) == pytest.approx(ref, abs=1e-12)
+
+# ---------------------------------------------------------------- Brier and NLL in float64
+@pytest.mark.parametrize('axis', [1, -1])
+def test_brier_nll_float64(axis):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 5, 7, generator=g)*3          # (N, C, T)
+    targs = torch.randint(0, 5, (20, 7), generator=g)
+    targs[::3, 2] = -100
+    preds = logits if axis == 1 else logits.movedim(1, -1)
+    z = logits.double().numpy().transpose(0, 2, 1)         # (N, T, C)
+    t, keep = targs.numpy(), targs.numpy() != -100
+    z, t = z[keep], t[keep]
+    p = np.exp(z - z.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    brier = ((p - np.eye(5)[t])**2).sum(1).mean()
+    nll = -np.log(p[np.arange(len(t)), t]).mean()
+    assert MultiBrier(axis=axis)(preds, targs) == pytest.approx(brier, rel=1e-12)
+    assert NLL(axis=axis)(preds, targs) == pytest.approx(nll, rel=1e-12)
+    probs = F.softmax(preds.double(), axis)                # probabilities give the same values
+    assert MultiBrier(axis=axis)(probs, targs) == pytest.approx(brier, rel=1e-9)
+    assert NLL(axis=axis)(probs, targs) == pytest.approx(nll, rel=1e-9)
+
+# ---------------------------------------------------------------- temperature scaling
+@pytest.mark.parametrize('t_true', [0.5, 1.7, 3.0])
+def test_temperature_recovers_known_T(t_true):
+    # labels are drawn from softmax(z): z is calibrated, so the logits z*t_true need T = t_true.
+    g = torch.Generator().manual_seed(int(t_true*10))
+    z = torch.randn(20000, 10, generator=g, dtype=torch.float64)*1.5
+    y = torch.multinomial(F.softmax(z, 1), 1, generator=g)[:, 0]
+    logits = z*t_true
+    T = fit_temperature(logits.float(), y)
+    # MLE of beta = 1/T: standard error from the Fisher information sum_i Var_{k~p_i}(logit_ik) at the true beta
+    p = F.softmax(logits/t_true, 1)
+    info = ((p*logits**2).sum(1) - (p*logits).sum(1)**2).sum()
+    se = 1/info.sqrt().item()
+    assert abs(1/T - 1/t_true) < 5*se, (T, t_true, se)
+    assert fit_temperature(logits.float(), y) == T  # deterministic
+
+@pytest.mark.parametrize('seed', range(6))
+def test_temperature_never_raises_nll(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = [3, 10, 50, 200, 1000, 5000][seed]
+    logits = torch.randn(n, 5, generator=g)*(seed+1)
+    y = torch.randint(0, 5, (n,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tiny sets may hit the search bounds
+        T = fit_temperature(logits, y)
+    nll = lambda t: F.cross_entropy(logits.double()/t, y).item()
+    assert T > 0 and nll(T) <= nll(1.)
+    if 1e-2*1.01 < T < 1e2/1.01: assert nll(T) <= min(nll(T*1.01), nll(T/1.01)) + 1e-12  # a minimum, not just better
+
+def test_temperature_separable_warns():
+    logits = torch.eye(3).repeat(10, 1)*5
+    with pytest.warns(UserWarning, match='edge of'):
+        T = fit_temperature(logits, torch.arange(3).repeat(10))
+    assert T == pytest.approx(1e-2, rel=1e-3)
+
+# ---------------------------------------------------------------- a real Learner
+@pytest.fixture(scope='module')
+def digits_learn():
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)/16
+    dblock = DataBlock(blocks=(TransformBlock, CategoryBlock), get_x=lambda i: x[i], get_y=lambda i: int(y[i]),
+                       splitter=RandomSplitter(0.3, seed=0))
+    dls = dblock.dataloaders(range(len(y)), bs=64, device='cpu')
+    set_seed(0)
+    learn = Learner(dls, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), loss_func=CrossEntropyLossFlat(),
+                    metrics=[ECE(), ECE(adaptive=True), ECE(classwise=True), MCE(), MultiBrier(), NLL()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
+    return learn
+
+def test_learner_one_batch_vs_many(digits_learn):
+    learn = digits_learn
+    n = len(learn.dls.valid_ds)
+    with learn.no_bar():
+        whole = learn.validate(dl=learn.dls.valid.new(bs=n))
+        small = learn.validate(dl=learn.dls.valid.new(bs=8))   # n is not a multiple of 8: a ragged last batch
+        probs, targs = learn.get_preds()
+    assert n % 8 and len(whole) == 7
+    for a, b in zip(whole, small): assert a == pytest.approx(b, abs=1e-6)
+    # the metrics inside `validate` (logits) equal the metrics on `get_preds` output (probabilities)
+    for m, v in zip(learn.metrics, whole[1:]): assert m(probs, targs) == pytest.approx(v, abs=1e-6)
+    assert whole[-1] == pytest.approx(whole[0], rel=1e-5)  # NLL is the validation CE loss
+
+class FakeDDL(DistributedDL):
+    "`DistributedDL` for one of 2 simulated processes: `gathered` holds what the other process contributes"
+    gathered = {}
+    def _broadcast(self, t, rank): return t
+    def _to_detach(self, b, cpu=True, gather=True):
+        b = to_detach(b, cpu, gather=False)
+        if self.rank == 1: FakeDDL.gathered[1] = b; return b
+        assert all(o.shape == p.shape for o, p in zip(b, FakeDDL.gathered[1])), 'all_gather needs equal shapes'
+        return tuple(torch.cat([o, p]) for o, p in zip(b, FakeDDL.gathered[1]))
+
+def test_distributed_gathering_drops_padding(digits_learn):
+    # two "processes" see halves of the validation set, padded to equal length by `DistributedDL`; rank 0's metrics, fed
+    # the gathered per-item statistics through `DistributedDL.to_detach`, must equal the single-process values.
+    # Class 3 is ignored, so masking before gathering would give ranks unequal shapes.
+    ign = lambda y: torch.where(y == 3, -100, y)
+    learn = digits_learn
+    dl = learn.dls.valid.new(bs=10, shuffle=False)
+    ddls = [FakeDDL(dl, rank=r, world_size=2) for r in (0, 1)]
+    mk = [lambda: ECE(), lambda: ECE(adaptive=True), lambda: ECE(classwise=True), lambda: MultiBrier(), lambda: NLL()]
+    mets = [f() for f in mk]
+    for m in mets: m.reset()
+    model = learn.model.eval()
+    with torch.no_grad():
+        for b0, b1 in zip(*ddls):
+            for f, m in zip(mk, mets):
+                f().accum_values(model(b1[0]), ign(b1[1]), SimpleNamespace(to_detach=ddls[1].to_detach))  # fills `gathered`
+                m.accumulate(SimpleNamespace(pred=model(b0[0]), y=ign(b0[1]), to_detach=ddls[0].to_detach))
+    assert ddls[0].n_padded > ddls[0].n == len(dl.dataset)  # there was padding to drop
+    with learn.no_bar(): logits, targs = learn.get_preds(dl=dl, act=noop)
+    for f, m in zip(mk, mets): assert m.value == pytest.approx(f()(logits, ign(targs)), abs=1e-9)
+
+# ---------------------------------------------------------------- temperature scaling on a Learner
+def test_learner_temperature_scale(digits_learn):
+    learn = digits_learn
+    with learn.no_bar():
+        raw, targs = learn.get_preds(act=noop)
+        before = learn.validate()
+        T = learn.temperature_scale()
+        try:
+            assert T == fit_temperature(raw, targs)
+            after = learn.validate()
+            assert after[0] <= before[0] and after[-1] == pytest.approx(after[0], rel=1e-5)
+            probs, _ = learn.get_preds()
+            assert torch.allclose(probs, F.softmax(raw/T, 1), atol=1e-6)
+            x, y = learn.dls.valid_ds[0]
+            _, _, p = learn.predict(x)
+            assert torch.allclose(p, probs[0], atol=1e-6)
+            assert learn.temperature_scale() == pytest.approx(T)      # refit ignores the installed T, updates it
+            assert len([c for c in learn.cbs if isinstance(c, TemperatureScaling)]) == 1
+        finally: learn.remove_cb(TemperatureScaling)
+    assert torch.allclose(learn.get_preds(act=noop)[0], raw)
+
+# ---------------------------------------------------------------- figures
+def synthetic(n=5000, c=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g)*1.5
+    return z, torch.multinomial(F.softmax(z, 1), 1, generator=g)[:, 0]
+
+def png(fig, dpi=100):
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi)
+    return buf.getvalue()
+
+def test_reliability_png():
+    z, y = synthetic()
+    fig = reliability_diagram({'calibrated': z, 'over-confident': (2*z, y), 'under-confident': z/2}, y, title='Synthetic')
+    assert matplotlib.get_backend().lower() == 'agg'
+    data = png(fig)
+    img = Image.open(io.BytesIO(data))
+    assert img.size == (600, 650)
+    assert 20_000 < len(data) < 1_000_000
+    assert np.asarray(img.convert('L')).std() > 20  # not blank
+    title = fig.axes[0].get_title()
+    eces = {k: ECE()(p, y) for k, p in (('calibrated', z), ('over-confident', 2*z))}
+    for k, v in eces.items(): assert f'{k}: {v:.4f}' in title
+    assert eces['over-confident'] > 5*eces['calibrated']
+
+def test_plot_reliability(digits_learn):
+    with digits_learn.no_bar(): fig = digits_learn.plot_reliability(n_bins=10, title='digits')
+    probs, targs = digits_learn.get_preds()
+    assert f'{ECE(10)(probs, targs):.4f}' in fig.axes[0].get_title()
+    assert Image.open(io.BytesIO(png(fig))).size == (600, 650)
+
+# ---------------------------------------------------------------- bad inputs
+def test_bad_inputs():
+    z, y = synthetic(100, 4)
+    p = F.softmax(z, 1)
+    for cls in (ECE, MultiBrier, NLL):
+        with pytest.raises(ValueError, match=r'declared probabilities.*sum to 0\.8'): cls(from_logits=False)(p*.8, y)
+    with pytest.raises(ValueError, match=r'declared probabilities.*outside \[0, 1\]'): ECE(from_logits=False)(z, y)
+    with pytest.raises(ValueError, match=r'`targs` shape \(99,\) does not match .* expected \(100,\)'): NLL()(z, y[:99])
+    with pytest.raises(ValueError, match=r'expected \(100,\)'): reliability_diagram(z, y[None])
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f'`n_bins` must be a positive integer, got {bad!r}'): ECE(bad)
+    with pytest.raises(ValueError, match='positive integer, got 0'): reliability_diagram(z, y, n_bins=0)
+    with pytest.raises(ValueError, match=r'outside \[0, 4\)'): ECE()(z, y+4)
+    with pytest.raises(ValueError, match='needs logits'): fit_temperature(p, y)
+    with pytest.raises(ValueError, match='t_min=2'): fit_temperature(z, y, t_min=2, t_max=1)
+    with pytest.raises(ValueError, match='`targs` are needed'): fit_temperature(z)
+    assert _prob_violation(p) is None
