@@ -1,3 +1,4 @@
-"Star-import everything public: `from fastai_ls.all import *`"
+"Star-import everything public: `from fastai_ls.all import *`. (`fastai_ls.distributed`, which patches fastai, is imported explicitly.)"
 from .losses import *
+from .callback import *
 from .metrics import *

@@ -1,0 +1,21 @@
+"README.md's Python code blocks run, in order, in a fresh interpreter; and README mirrors nbs/index.ipynb's code"
+import json, re, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT/'README.md').read_text()
+
+def python_blocks(markdown): return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+def test_readme_python_blocks_run(tmp_path):
+    blocks = python_blocks(README)
+    assert blocks, "README.md has no ```python blocks"
+    script = tmp_path/'readme_blocks.py'
+    script.write_text('import matplotlib; matplotlib.use("Agg")\n' + '\n'.join(blocks))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-6000:]
+
+def test_readme_code_matches_index_notebook():
+    nb = json.loads((ROOT/'nbs'/'index.ipynb').read_text())
+    cells = [''.join(c['source']).strip() for c in nb['cells'] if c['cell_type'] == 'code' and not ''.join(c['source']).startswith('#| hide')]
+    assert [b.strip() for b in python_blocks(README)] == cells
