@@ -222,3 +222,39 @@ def test_module_rejects_bad_settings():
     assert math.isclose(lf.eps, 0.2)   # a rejected value leaves eps as it was
     lf.reduction = 'avg'
     with pytest.raises(ValueError, match="reduction='avg'"): lf(torch.randn(2, 3), torch.tensor([0, 1]))
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('shape', [(256, 37), (512, 32768), (4, 21, 64, 64)])
+def test_cuda_matches_torch(dtype, shape):
+    x = (torch.randn(shape, device='cuda') * 3).to(dtype).requires_grad_()
+    y = torch.randint(0, shape[1], (shape[0],) + shape[2:], device='cuda'); y.view(-1)[::5] = -100
+    w = torch.rand(shape[1], device='cuda') + 0.1
+    loss = label_smoothing_ce(x, y, 0.1, weight=w); loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, y, weight=w.double(), label_smoothing=0.1); ref.backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=1e-4 if dtype == torch.float32 else 2e-3)
+
+@pytest.mark.cuda
+def test_cuda_bad_target_is_a_clear_error_not_a_device_assert():
+    x, y = torch.randn(8, 5, device='cuda'), torch.tensor([0, 1, 2, 3, 4, 5, 0, 1], device='cuda')
+    with pytest.raises(ValueError, match='class 5, outside \\[0, 5\\)'): label_smoothing_ce(x, y)
+    torch.cuda.synchronize()   # the context is still healthy
+    assert label_smoothing_ce(x, y.clamp_max(4)).isfinite()
+
+@pytest.mark.cuda
+def test_cuda_inductor_compiles_once():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('inductor')
+    lf = LabelSmoothingCE(0.1)
+    step = torch.compile(lambda x, y: lf(x, y), backend=counter)
+    x, y = torch.randn(64, 100, device='cuda'), torch.randint(0, 100, (64,), device='cuda')
+    compiles = []
+    for eps in [0.1, 0.3, 0.0]:
+        lf.eps = eps
+        torch.testing.assert_close(step(x, y), F.cross_entropy(x, y, label_smoothing=eps), rtol=1e-5, atol=1e-5)
+        compiles.append(counter.frame_count)
+    assert compiles == compiles[:1] * 3
