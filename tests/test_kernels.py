@@ -1,0 +1,44 @@
+"The loss's Triton path (used on GPU), run on the CPU through Triton's interpreter and checked against torch"
+import os, subprocess, sys, textwrap
+import pytest
+
+pytest.importorskip('triton')
+
+SCRIPT = textwrap.dedent('''
+    import torch, torch.nn.functional as F
+    import triton
+    import fastai_ls.losses as L
+    from fastai_ls.losses import label_smoothing_ce
+    torch.manual_seed(0)
+    cases = 0
+    for n, k in [(5, 3), (9, 37), (4, 5000)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            for weighted in (False, True):
+                for reduction in ('none', 'mean', 'sum'):
+                    for variant in ('uniform', 'others', 'kl'):
+                        x = (torch.randn(n, k) * 3).to(dtype).requires_grad_()
+                        y = torch.randint(0, k, (n,)); y[1] = -100
+                        w = torch.rand(k) + 0.1 if weighted else None
+                        assert L._use_kernels(x, y)
+                        loss = label_smoothing_ce(x, y, 0.2, weight=w, reduction=reduction, variant=variant)
+                        (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum().backward()
+                        L.kernels.triton = None   # the same call again, on the blockwise torch path
+                        x2 = x.detach().clone().requires_grad_()
+                        ref = label_smoothing_ce(x2, y, 0.2, weight=w, reduction=reduction, variant=variant)
+                        (ref * torch.linspace(0.5, 1.5, ref.numel()).view(ref.shape)).sum().backward()
+                        L.kernels.triton = triton
+                        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+                        torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+                        if variant == 'uniform':
+                            x64 = x.detach().double()
+                            t = F.cross_entropy(x64, y, weight=None if w is None else w.double(), label_smoothing=0.2, reduction=reduction)
+                            torch.testing.assert_close(loss.double(), t, rtol=1e-5, atol=1e-5)
+                        cases += 1
+    print('cases', cases)
+''')
+
+def test_triton_path_matches_torch_path():
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    res = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-5000:]
+    assert 'cases 108' in res.stdout
