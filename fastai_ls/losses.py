@@ -41,7 +41,7 @@ def _check_weight(weight, n_classes, check_values=True):
     if check_values and bool((weight < 0).any()):
         raise ValueError(f"weight must be non-negative; got {weight[weight < 0][0].item()} at class {int((weight < 0).nonzero()[0])}")
 
-# %% ../nbs/00_losses.ipynb #569dc17e
+# %% ../nbs/00_losses.ipynb #702a25b8
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -65,11 +65,13 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant):
         expected = (input.shape[0],) + tuple(input.shape[2:])
         if tuple(target.shape) != expected:
             raise ValueError(f"class-index target must have shape {expected} for input of shape {tuple(input.shape)}; got {tuple(target.shape)}")
-        if not _is_compiling():
-            bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
-            if bool(bad.any()):
-                raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes}) for C={n_classes} "
-                                 f"classes (and not ignore_index={ignore_index})")
+        if not _is_compiling() and target.numel():
+            lo, hi = torch.stack(torch.aminmax(target)).tolist()   # one reduction and one sync in the common case
+            if lo < 0 or hi >= n_classes:
+                bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+                if bool(bad.any()):
+                    raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes}) for "
+                                     f"C={n_classes} classes (and not ignore_index={ignore_index})")
     _check_weight(weight, n_classes, check_values=not _is_compiling())
 
 # %% ../nbs/00_losses.ipynb #f3b540df
@@ -101,7 +103,7 @@ def _cls_view(t, ndim):
     "Reshape a per-class vector to broadcast against a (N, C[, S]) tensor"
     return t.view((1, -1) + (1,) * (ndim - 2))
 
-# %% ../nbs/00_losses.ipynb #b124de10
+# %% ../nbs/00_losses.ipynb #cc662df3
 def _hard_terms(target, weight, ignore_index, n_classes, dtype):
     "Safe class indices, the kept mask `v`, the target weights `r` and the weight total `W`"
     keep = target != ignore_index
@@ -115,6 +117,19 @@ def _soft_coefs(target, a, b, weight, ndim):
     q = target * a + b
     return q, (q if weight is None else q * _cls_view(weight, ndim))
 
+def _reduce(loss, reduction, denom):
+    "Reduce per-position losses; 'mean' divides by the summed target weights (hard) or the number of positions (soft)"
+    # like torch, except that a zero denominator (empty batch, all targets ignored) gives 0 rather than NaN
+    if reduction == 'none': return loss
+    total = loss.sum()
+    if reduction == 'sum': return total
+    return torch.where(denom > 0, total / denom.clamp_min(torch.finfo(loss.dtype).tiny), 0.)
+
+def _grad_scale(grad_out, reduction, denom):
+    "d(reduced loss)/d(per-position loss): the incoming gradient, divided by the 'mean' denominator (0 if that is 0)"
+    if reduction != 'mean': return grad_out
+    return torch.where(denom > 0, grad_out / denom.clamp_min(torch.finfo(grad_out.dtype).tiny), 0.)
+
 def _use_kernels(x, target):
     "Class-index targets on 2-D float32/half logits with contiguous classes go to the Triton kernels on GPU"
     return (not target.is_floating_point() and x.dim() == 2 and x.stride(1) == 1 and target.is_contiguous()
@@ -126,7 +141,7 @@ def _as_blocks(x, target):
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     return x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
 
-# %% ../nbs/00_losses.ipynb #43dd6c38
+# %% ../nbs/00_losses.ipynb #91af79b3
 class _LabelSmoothingCEFn(torch.autograd.Function):
     "loss = lse(x) - a*x_y - b*sum(x), computed blockwise in float32 (float64 for float64); backward writes the gradient once"
     @staticmethod
@@ -142,11 +157,7 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
         else:
             safe, v, r, W = _hard_terms(tb, w, ignore_index, k, ct)
             scale = a * r + b * W * v
-        fast = _use_kernels(x, target)
-        if fast:   # Triton: one read of each row gives its lse, target logit and (weighted) sum
-            lse, xy, xsum = kernels.row_stats(x, target, w, ignore_index)
-            lin = a * r * xy + b * v * xsum
-        for xi, pi in ([] if fast else _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, x.dtype != ct)):
+        for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, x.dtype != ct):
             xc = xb[xi]
             m = xc.amax(1, keepdim=True).to(ct)
             lse[pi] = torch.sub(xc, m).exp_().sum(1).log_().add_(m.squeeze(1))   # sub promotes half blocks to float32
@@ -161,31 +172,21 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
         if not soft and variant == 'kl':   # subtract the (weighted) target entropy: sum_k c_k log q_k
             lin -= r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
         loss = (scale * lse - lin).view(x.shape[:1] + x.shape[2:])
-        # 'mean' divides by the summed target weights (hard) or the number of positions (soft), like torch.
-        # When that is 0 (empty batch, all targets ignored) the loss is 0 rather than torch's NaN.
         denom = (loss.new_tensor(float(loss.numel())) if soft else r.sum()) if reduction == 'mean' else None
         ctx.save_for_backward(x, target, lse, w, a, b, denom)
-        ctx.meta = ignore_index, reduction, fast
-        if reduction == 'none': return loss
-        total = loss.sum()
-        if reduction == 'sum': return total
-        return torch.where(denom > 0, total / denom.clamp_min(torch.finfo(ct).tiny), 0.)
+        ctx.meta = ignore_index, reduction
+        return _reduce(loss, reduction, denom)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, target, lse, w, a, b, denom = ctx.saved_tensors
-        ignore_index, reduction, fast = ctx.meta
+        ignore_index, reduction = ctx.meta
         ct = lse.dtype
         xb, tb = _as_blocks(x, target)
         k, nd = xb.shape[1], xb.dim()
-        g = grad_out.to(ct)
-        if reduction == 'mean': g = torch.where(denom > 0, g / denom.clamp_min(torch.finfo(ct).tiny), 0.)
+        g = _grad_scale(grad_out.to(ct), reduction, denom)
         g = g.expand_as(lse) if reduction != 'none' else g.reshape(lse.shape)
         soft, direct = target.is_floating_point(), x.dtype == ct   # direct: write blocks straight into the gradient
-        if fast:
-            _, v, r, W = _hard_terms(target, w, ignore_index, k, ct)
-            return (kernels.smoothing_grad(x, target, w, ignore_index, lse, g * (a * r + b * W * v), g * b * v, g * a * r),
-                    None, None, None, None, None, None)
         grad = torch.empty(xb.shape, device=x.device, dtype=x.dtype)
         for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, not direct):
             p = grad[xi] if direct else torch.empty(xb[xi].shape, device=x.device, dtype=ct)
@@ -203,10 +204,30 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
             if not direct: grad[xi] = p
         return grad.view(x.shape), None, None, None, None, None, None
 
-# %% ../nbs/00_losses.ipynb #f648d42c
+class _LabelSmoothingCEKernelFn(torch.autograd.Function):
+    "The same loss through the Triton kernels: one read of each row forward, one read and one write backward"
+    @staticmethod
+    def forward(ctx, x, target, eps, weight, ignore_index, reduction, variant):
+        a, b = _coefs(eps.item(), x.shape[1], variant)
+        w = None if weight is None else weight.to(x.device, torch.float32).contiguous()
+        loss, lse, r, wsum = kernels.loss_rows(x, target, w, ignore_index, a, b, kl=variant == 'kl')
+        denom = r.sum() if reduction == 'mean' else None
+        ctx.save_for_backward(x, target, w, lse, wsum, denom)
+        ctx.meta = ignore_index, reduction, a, b
+        return _reduce(loss, reduction, denom)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, target, w, lse, wsum, denom = ctx.saved_tensors
+        ignore_index, reduction, a, b = ctx.meta
+        g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
+        return kernels.loss_grad(x, target, w, ignore_index, lse, wsum, g, a, b), None, None, None, None, None, None
+
+# %% ../nbs/00_losses.ipynb #9a9c3e12
 def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant):
     _check_inputs(input, target, weight, ignore_index, reduction, variant)
-    return _LabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
+    fn = _LabelSmoothingCEKernelFn if _use_kernels(input, target) else _LabelSmoothingCEFn
+    return fn.apply(input, target, eps, weight, ignore_index, reduction, variant)
 
 def label_smoothing_ce(
     input:Tensor, # Logits of shape (N, C) or (N, C, d1, ...): classes on dim 1, like `F.cross_entropy`
