@@ -1,0 +1,38 @@
+"Shared fixtures: real data for real fastai `Learner`s (sklearn's bundled digits, the Oxford-IIIT pet sample)"
+from pathlib import Path
+import numpy as np, pytest, torch
+from fastai.data.transforms import ItemGetter
+from fastai.data.core import Datasets, DataLoaders
+
+PETS = Path(__file__).parent/'data'/'oxford-iiit-pet'/'images'
+
+def digits_dls(bs:int=64, valid_pct:float=0.2, seed:int=42, images:bool=False, device='cpu', **kwargs) -> DataLoaders:
+    "`DataLoaders` over sklearn's `load_digits` (1,797 8x8 digits, 10 classes) with a fixed, seeded train/valid split"
+    from sklearn.datasets import load_digits
+    X, y = load_digits(return_X_y=True)
+    x = torch.tensor(X / 16., dtype=torch.float32)
+    if images: x = x.view(-1, 1, 8, 8)  # (N, 1, 8, 8) for CNNs and CutMix
+    y = torch.tensor(y, dtype=torch.long)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_valid = int(len(x) * valid_pct)
+    # fastai `Datasets` (not a `TensorDataset`), so that `learn.export()` can make an empty copy
+    dsets = Datasets(list(zip(x, y)), tfms=[[ItemGetter(0)], [ItemGetter(1)]], splits=(idx[n_valid:], idx[:n_valid]))
+    return dsets.dataloaders(bs=bs, device=device, **kwargs)
+
+@pytest.fixture
+def digits():
+    "Digits `DataLoaders` with the default batch size: 1,438 train / 359 valid samples"
+    return digits_dls()
+
+@pytest.fixture(scope='session')
+def pets_path() -> Path:
+    "Folder of the 370 pet JPEGs; labels come from the file names, `^(.+)_\\d+\\.jpg$`"
+    if not PETS.is_dir(): pytest.skip(f"pet sample not found at {PETS}")
+    return PETS
+
+def pytest_collection_modifyitems(config, items):
+    "Skip `@pytest.mark.cuda` tests on machines without a CUDA GPU"
+    if torch.cuda.is_available(): return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if 'cuda' in item.keywords: item.add_marker(skip)
