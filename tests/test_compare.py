@@ -1,0 +1,147 @@
+"The `fastai-ls compare` command line: real runs on digits and on the pet sample, bad arguments, Ctrl-C"
+import os, shutil, signal, subprocess, sys, time, urllib.error
+import pandas as pd, pytest, torch
+from fastai_ls import compare as C
+from fastai_ls.compare import main, STRATEGIES, METRICS
+
+TINY = ['--seeds', '2', '--epochs', '2', '--train-size', '100']
+
+def run_cli(*args, cwd=None, **kwargs):
+    "Run a command line in a fresh process, as a user would"
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, timeout=300, **kwargs)
+
+def exit_of(argv, capsys):
+    "Exit status and stderr of `main(argv)`"
+    try: main(argv); code = 0
+    except SystemExit as e: code = e.code
+    return code, capsys.readouterr().err
+
+def check_results(out, strategies, seeds):
+    "The CSV holds one finite row per (seed, strategy); the table and plots are there"
+    df = pd.read_csv(out/'results.csv')
+    assert sorted(zip(df.seed, df.strategy)) == sorted((s, st) for s in range(seeds) for st in strategies)
+    assert df[list(METRICS)].notna().all().all() and (df[list(METRICS)] >= 0).all().all()
+    assert df.error_rate.le(1).all() and df.ece.le(1).all()
+    for f in ('reliability.png', 'eps_schedule.png'): assert (out/f).stat().st_size > 10_000
+    summary = (out/'summary.md').read_text()
+    assert all(f"| {st} | {seeds} |" in summary for st in strategies)
+    return df
+
+def test_default_digits_console_script(tmp_path):
+    "The README's command at a tiny size: all four strategies, progress bars, the table, the CSV and the plots"
+    r = run_cli('fastai-ls', 'compare', *TINY, '--out', str(tmp_path/'res'))
+    assert r.returncode == 0, r.stderr
+    assert 'train_loss' in r.stdout  # fastai's epoch table: progress is shown
+    assert '| strategy | seeds | error % | NLL | ECE | Brier |' in r.stdout
+    df = check_results(tmp_path/'res', STRATEGIES, 2)
+    assert (df.n_train == 100).all() and (df.n_valid == 500).all() and (df.epochs_run == 2).all()
+    ce, temp = (df[df.strategy == s].set_index('seed') for s in ('ce', 'ce+temp'))
+    assert (temp.error_rate == ce.error_rate).all() and (temp.nll <= ce.nll + 1e-9).all()
+    assert (temp.temperature > 0).all() and ce.temperature.isna().all()
+
+def test_module_entry_and_default_out(tmp_path):
+    "`python -m fastai_ls.compare` (without the word `compare`) writes to ./fastai_ls_results by default"
+    r = run_cli(sys.executable, '-m', 'fastai_ls.compare', '--seeds', '1', '--epochs', '1', '--train-size', '50',
+                '--strategies', 'ls,anneal', '--quiet', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 'train_loss' not in r.stdout
+    check_results(tmp_path/'fastai_ls_results', ['ls', 'anneal'], 1)
+
+def test_pets_sample_from_scratch(tmp_path, pets_path):
+    "The pets ResNet34 on the 370-photo sample, tiny, from random weights (`fit_one_cycle`)"
+    main(['compare', '--dataset', 'pets', '--path', str(pets_path), '--no-pretrained', '--size', '32', '--bs', '32',
+          '--epochs', '1', '--seeds', '1', '--strategies', 'ce', 'anneal', '--num-workers', '0', '--threads', '2',
+          '--quiet', '--out', str(tmp_path)])
+    df = check_results(tmp_path, ['ce', 'anneal'], 1)
+    assert (df.n_train == 296).all() and (df.n_valid == 74).all() and (df.model == 'resnet34').all()
+    assert not df.pretrained.any() and (df.epochs_run == 1).all()
+
+@pytest.fixture
+def offline(monkeypatch):
+    "torchvision cannot download weights, whatever the machine's network"
+    import torchvision.models._api
+    def fail(*args, **kwargs): raise urllib.error.URLError('Name or service not known (simulated)')
+    monkeypatch.setattr(torchvision.models._api, 'load_state_dict_from_url', fail)   # where torchvision looks it up
+
+def test_pets_pretrained_offline(tmp_path, pets_path, offline, capsys):
+    "Missing pretrained weights: a plain message and exit 2, or a warning and a run from scratch with --scratch-fallback"
+    argv = ['compare', '--dataset', 'pets', '--path', str(pets_path), '--arch', 'resnet18', '--size', '32', '--bs', '32',
+            '--epochs', '1', '--seeds', '1', '--strategies', 'ls', '--num-workers', '0', '--quiet', '--out', str(tmp_path)]
+    code, err = exit_of(argv, capsys)
+    assert code == 2 and 'ImageNet weights of resnet18 could not be loaded' in err and '--scratch-fallback' in err
+    assert not (tmp_path/'results.csv').exists()
+    with pytest.warns(UserWarning, match='training from random weights instead'): main(argv + ['--scratch-fallback'])
+    assert not check_results(tmp_path, ['ls'], 1).pretrained.any()
+
+def test_hanging_weights_download_times_out(monkeypatch):
+    "A network that drops packets makes a download hang forever: the check gives up and says so"
+    from fastai_ls.compare import pretrained_available
+    from torchvision.models import resnet18
+    import torchvision.models._api
+    monkeypatch.setattr(torchvision.models._api, 'load_state_dict_from_url', lambda *a, **k: time.sleep(60))
+    t0 = time.perf_counter()
+    why = pretrained_available(resnet18, timeout=0.5)
+    assert time.perf_counter() - t0 < 10
+    assert why == "the weights' server did not answer within 0.5 s"
+
+def _bad_folders(tmp_path, pets_path):
+    (tmp_path/'empty').mkdir()
+    (tmp_path/'nomatch').mkdir()
+    src = next(pets_path.iterdir())
+    for n in ('cat.jpg', 'IMG_0001.JPG', 'dog-3.jpg'): shutil.copy(src, tmp_path/'nomatch'/n)
+    (tmp_path/'afile.jpg').write_bytes(src.read_bytes())
+
+@pytest.mark.parametrize('args,msg', [
+    (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
+    (['--strategies', 'ce', 'focal'], "unknown strategy 'focal'"),
+    (['--strategies', 'ce,,ls'], "unknown strategy ''"),
+    (['--eps', '0'], '--eps must be in (0, 1)'),
+    (['--eps', '1'], '--eps must be in (0, 1)'),
+    (['--eps', '-0.1'], '--eps must be in (0, 1)'),
+    (['--eps', 'abc'], "invalid float value: 'abc'"),
+    (['--schedule', 'step'], "unknown schedule 'step'"),
+    (['--seeds', '0'], '--seeds must be at least 1'),
+    (['--epochs', '0'], '--epochs must be at least 1'),
+    (['--train-size', '5000'], '--train-size must be between 10 and 1297'),
+    (['--path', '.'], '--path is for --dataset pets'),
+    (['--dataset', 'pets', '--path', '{tmp}/missing'], 'does not exist'),
+    (['--dataset', 'pets', '--path', '{tmp}/empty'], 'contains no images'),
+    (['--dataset', 'pets', '--path', '{tmp}/afile.jpg'], 'is not a folder'),
+    (['--dataset', 'pets', '--path', '{tmp}/nomatch'], r'none of the 3 images'),
+    (['--dataset', 'pets', '--path', '{tmp}/nomatch', '--arch', 'vgg16'], "unknown arch 'vgg16'"),
+])
+def test_bad_arguments(tmp_path, pets_path, capsys, args, msg):
+    "Every bad argument: a message naming the problem, exit status 2, nothing trained or written"
+    _bad_folders(tmp_path, pets_path)
+    code, err = exit_of(['compare', *[a.format(tmp=tmp_path) for a in args], '--out', str(tmp_path/'out')], capsys)
+    assert code == 2, err
+    assert msg in err and 'usage: fastai-ls compare' in err, err
+    assert 'Traceback' not in err and not (tmp_path/'out').exists()
+
+def test_bad_arguments_console_script():
+    "The same from the shell: no subcommand, an unknown one"
+    for args, msg in [((), 'the following arguments are required: command'), (('frobnicate',), 'invalid choice')]:
+        r = run_cli('fastai-ls', *args)
+        assert r.returncode == 2 and msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+def test_ctrl_c_keeps_finished_runs(tmp_path):
+    "SIGINT after the first run has finished: exit 130, the finished runs on disk with their table and plots"
+    out = tmp_path/'res'
+    p = subprocess.Popen(['fastai-ls', 'compare', '--seeds', '2', '--epochs', '30', '--train-size', '1000',
+                          '--strategies', 'ce', 'ls', '--quiet', '--out', str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    csv, t0 = out/'results.csv', time.time()
+    while not (csv.exists() and len(csv.read_text().splitlines()) >= 2):
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 240, 'no run finished in time'
+        time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert 'Interrupted:' in stderr and 'Traceback' not in stderr
+    df = pd.read_csv(csv)
+    assert 1 <= len(df) < 4 and df[list(METRICS)].notna().all().all()
+    summary = (out/'summary.md').read_text()
+    for st, n in df.groupby('strategy').seed.nunique().items(): assert f"| {st} | {n} |" in summary
+    for f in ('reliability.png', 'eps_schedule.png'): assert (out/f).stat().st_size > 10_000
