@@ -74,8 +74,8 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant):
                                      f"C={n_classes} classes (and not ignore_index={ignore_index})")
     _check_weight(weight, n_classes, check_values=not _is_compiling())
 
-# %% ../nbs/00_losses.ipynb #f3b540df
-_MAX_BLOCK = 1 << 19   # elements: ~2 MB of float32, so a block's working set stays in a CPU core's cache
+# %% ../nbs/00_losses.ipynb #9a41a950
+_MAX_BLOCK = 1 << 20   # elements: 4 MB of float32, a block stays in cache while it is worked on
 _MIN_BLOCK = 1 << 14   # below this, per-op overhead dominates
 
 def _blocks(shape, nbytes, is_cuda, half):
@@ -85,8 +85,9 @@ def _blocks(shape, nbytes, is_cuda, half):
     if numel == 0: return []
     if _is_compiling() or (is_cuda and not half): budget = numel
     elif is_cuda: budget = max(numel // 64, 1 << 22)
-    # half blocks need float32 temporaries next to the gradient: keep those under ~1/32 of the input
-    else: budget = min(max(nbytes // 128, _MIN_BLOCK), _MAX_BLOCK) if half else _MAX_BLOCK
+    # Backward keeps a block's temporaries next to the whole gradient; keep them under ~3% of the input's bytes:
+    # two float32 copies of a half block, or ~32 bytes of per-position terms when there are few classes.
+    else: budget = min(max(nbytes // 256 if half else nbytes * k // 1024, _MIN_BLOCK), _MAX_BLOCK)
     if len(shape) == 2 or k * s <= budget:   # whole rows (a row of a 2-D input is never split)
         rows, rest = max(1, budget // (k * s)), ((slice(None),) if len(shape) == 3 else ())
         return [((slice(i, i + rows), slice(None)) + rest, (slice(i, i + rows),) + rest) for i in range(0, n, rows)]
@@ -141,7 +142,7 @@ def _as_blocks(x, target):
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     return x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
 
-# %% ../nbs/00_losses.ipynb #91af79b3
+# %% ../nbs/00_losses.ipynb #27d1956d
 class _LabelSmoothingCEFn(torch.autograd.Function):
     "loss = lse(x) - a*x_y - b*sum(x), computed blockwise in float32 (float64 for float64); backward writes the gradient once"
     @staticmethod
@@ -158,9 +159,10 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
             safe, v, r, W = _hard_terms(tb, w, ignore_index, k, ct)
             scale = a * r + b * W * v
         for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, x.dtype != ct):
-            xc = xb[xi]
-            m = xc.amax(1, keepdim=True).to(ct)
-            lse[pi] = torch.sub(xc, m).exp_().sum(1).log_().add_(m.squeeze(1))   # sub promotes half blocks to float32
+            xc = xb[xi].to(ct)   # a copy only for half blocks: torch's softmax is far slower on them
+            # torch's fused softmax has the fastest exp; its largest value is exp(max - lse), from which lse follows
+            # to full precision, since it lies in [1/C, 1]
+            lse[pi] = xc.amax(1) - torch.softmax(xc, 1).amax(1).log()
             if soft:
                 q, c = _soft_coefs(tb[xi].to(ct), a, b, w, xb.dim())
                 lin[pi] = (c * xc).sum(1)
@@ -173,24 +175,28 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
             lin -= r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
         loss = (scale * lse - lin).view(x.shape[:1] + x.shape[2:])
         denom = (loss.new_tensor(float(loss.numel())) if soft else r.sum()) if reduction == 'mean' else None
-        ctx.save_for_backward(x, target, lse, w, a, b, denom)
+        ctx.save_for_backward(x, target, w, a, b, denom)   # backward recomputes the softmax: no N x C state
         ctx.meta = ignore_index, reduction
         return _reduce(loss, reduction, denom)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, lse, w, a, b, denom = ctx.saved_tensors
+        x, target, w, a, b, denom = ctx.saved_tensors
         ignore_index, reduction = ctx.meta
-        ct = lse.dtype
+        ct = a.dtype
         xb, tb = _as_blocks(x, target)
-        k, nd = xb.shape[1], xb.dim()
+        k, nd, positions = xb.shape[1], xb.dim(), xb.shape[:1] + xb.shape[2:]
         g = _grad_scale(grad_out.to(ct), reduction, denom)
-        g = g.expand_as(lse) if reduction != 'none' else g.reshape(lse.shape)
+        g = g.expand(positions) if reduction != 'none' else g.reshape(positions)
         soft, direct = target.is_floating_point(), x.dtype == ct   # direct: write blocks straight into the gradient
         grad = torch.empty(xb.shape, device=x.device, dtype=x.dtype)
         for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, not direct):
-            p = grad[xi] if direct else torch.empty(xb[xi].shape, device=x.device, dtype=ct)
-            torch.sub(xb[xi], lse[pi].unsqueeze(1), out=p).exp_()   # softmax, from the saved lse
+            p, xc = grad[xi], xb[xi]
+            if not direct: p = torch.softmax(xc.to(ct), 1)
+            elif p.is_contiguous(): torch.ops.aten._softmax.out(xc, 1, False, out=p)   # straight into the gradient
+            else:   # a column block of N-d logits: torch's softmax would copy it, elementwise ops write in place
+                torch.sub(xc, xc.amax(1, keepdim=True), out=p).exp_()
+                p.div_(p.sum(1, keepdim=True))
             gc = g[pi].unsqueeze(1)
             if soft:
                 _, c = _soft_coefs(tb[xi].to(ct), a, b, w, nd)
