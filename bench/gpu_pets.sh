@@ -26,6 +26,6 @@ run() { local name=$1; shift
   echo "$name: wall $((SECONDS - t0)) s" | tee -a "$OUT/walltimes.txt"
 }
 run pets_resnet34_finetune --seeds 3 --epochs 4 --scratch-fallback
-run pets_resnet34_scratch --seeds 3 --epochs 30 --no-pretrained
+run pets_resnet34_scratch --seeds 3 --epochs 20 --no-pretrained
 python bench/bench_loss.py --device cuda 2>&1 | tee "$OUT/bench_loss.txt"
 echo; for f in "$OUT"/pets_*/summary.md; do echo "== $f"; cat "$f"; echo; done
