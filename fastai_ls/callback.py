@@ -127,7 +127,7 @@ class _EpsColumn(Metric):
     @property
     def name(self): return 'eps'
 
-# %% ../nbs/01_callback.ipynb #d8bef8b2
+# %% ../nbs/01_callback.ipynb #fc48b71e
 class AnnealSmoothing(Callback):
     "Set the label-smoothing ε of the learner's loss to `sched(pct_train)` before every training batch"
     order,run_valid = Recorder.order-1,False
@@ -177,6 +177,9 @@ class AnnealSmoothing(Callback):
 
     def before_fit(self):
         "Find the loss, remember its ε and add the `eps` column; stay out of `lr_find`"
+        # a later callback's `before_fit` may have raised in the previous fit, after `_begin` and before our guard
+        # was in the call chain: undo what that fit left behind first
+        self._end()
         self.run = not hasattr(self.learn, 'lr_finder')
         if not self.run: return
         self._begin('fit')

@@ -21,7 +21,7 @@ def triton_ok(x) -> bool:
 
 def _block(k): return min(max(triton.next_power_of_2(k), 16), 4096)
 
-# %% ../nbs/05_kernels.ipynb #dc1e62c6
+# %% ../nbs/05_kernels.ipynb #f32cad15
 if triton is not None:
     @triton.jit
     def _loss_kernel(X, T, W, LOSS, LSE, R, WSUM, K, stride, ignore_index, a, b, ent_y, ent_o,
@@ -37,7 +37,8 @@ if triton is not None:
             mask = offs < K
             x = tl.load(xp + offs, mask=mask, other=float('-inf')).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))   # online log-sum-exp: rescale the running sum to the new max
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m_ref = tl.where(m_new == float('-inf'), 0., m_new)   # a block of -inf logits must not give -inf - -inf
+            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
             m = m_new
             x0 = tl.where(mask, x, 0.)
             if HAS_W:
@@ -53,7 +54,10 @@ if triton is not None:
         r = v * tl.load(W + t).to(tl.float32) if HAS_W else v
         xy = tl.load(xp + t).to(tl.float32)
         # ent_y, ent_o: q log q of the target's true and other classes; both 0 unless variant='kl'
-        loss = (a * r + b * ws * v) * lse - a * r * xy - b * v * xs + r * ent_y + (ws * v - r) * ent_o
+        scale = a * r + b * ws * v
+        # where, not products: 0 * -inf (eps = 0 with -inf logits, ignored rows) must give 0, not NaN
+        loss = tl.where(scale > 0, scale * lse, 0.) - tl.where(r != 0, a * r * xy, 0.) - tl.where(b * v > 0, b * v * xs, 0.) \
+               + r * ent_y + (ws * v - r) * ent_o
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, lse)
         tl.store(R + row, r)
@@ -78,7 +82,7 @@ if triton is not None:
             g = tl.exp(x - lse) * alpha - bw - tl.where(offs == t, gamma, 0.)
             tl.store(gp + offs, g.to(G.dtype.element_ty), mask=mask)
 
-# %% ../nbs/05_kernels.ipynb #5512e2a0
+# %% ../nbs/05_kernels.ipynb #765d78d1
 def _xlogx(p): return p * math.log(p) if p > 0 else 0.
 
 def loss_rows(
@@ -105,13 +109,14 @@ def loss_grad(
     weight, # Per-class weights (C,) in float32, or None
     ignore_index:int, # Target value of ignored rows
     lse, wsum, # From `loss_rows`
-    grad_rows, # float32 gradient of the loss per row: shape (N,), or (1,) for the same value on every row
+    grad_rows, # float32 gradient of the loss per row: shape (N,) (any stride), or (1,) for the same value on every row
     a:float, b:float, # As in `loss_rows`
 ): # The gradient, in `x`'s dtype
     "alpha*softmax(x) - beta*w - gamma*onehot(y) for each row, one read and one write per element"
     n, k = x.shape
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    # autograd hands 'sum'/'mean' gradients of a 'none' loss over as an expanded (stride 0) tensor: honour its stride
     if n: _grad_kernel[(n,)](x, grad, target, x if weight is None else weight, lse, wsum, grad_rows,
-                             0 if grad_rows.numel() == 1 else 1, k, x.stride(0), grad.stride(0), ignore_index, a, b,
+                             0 if grad_rows.numel() == 1 else grad_rows.stride(0), k, x.stride(0), grad.stride(0), ignore_index, a, b,
                              HAS_W=weight is not None, BLOCK=_block(k))
     return grad

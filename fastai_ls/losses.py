@@ -41,11 +41,11 @@ def _check_weight(weight, n_classes, check_values=True):
     if check_values and bool((weight < 0).any()):
         raise ValueError(f"weight must be non-negative; got {weight[weight < 0][0].item()} at class {int((weight < 0).nonzero()[0])}")
 
-# %% ../nbs/00_losses.ipynb #702a25b8
+# %% ../nbs/00_losses.ipynb #5bec1096
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
-def _check_inputs(input, target, weight, ignore_index, reduction, variant):
+def _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight=True):
     "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly"
     _check_choice('reduction', reduction, _reductions)
     _check_choice('variant', variant, _variants)
@@ -66,13 +66,14 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant):
         if tuple(target.shape) != expected:
             raise ValueError(f"class-index target must have shape {expected} for input of shape {tuple(input.shape)}; got {tuple(target.shape)}")
         if not _is_compiling() and target.numel():
-            lo, hi = torch.stack(torch.aminmax(target)).tolist()   # one reduction and one sync in the common case
+            # one reduction and one sync in the common case, whatever the ignore_index
+            lo, hi = torch.stack(torch.aminmax(torch.where(target == ignore_index, 0, target))).tolist()
             if lo < 0 or hi >= n_classes:
                 bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
                 if bool(bad.any()):
                     raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes}) for "
                                      f"C={n_classes} classes (and not ignore_index={ignore_index})")
-    _check_weight(weight, n_classes, check_values=not _is_compiling())
+    _check_weight(weight, n_classes, check_values=check_weight and not _is_compiling())
 
 # %% ../nbs/00_losses.ipynb #9a41a950
 _MAX_BLOCK = 1 << 20   # elements: 4 MB of float32, a block stays in cache while it is worked on
@@ -142,7 +143,7 @@ def _as_blocks(x, target):
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     return x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
 
-# %% ../nbs/00_losses.ipynb #27d1956d
+# %% ../nbs/00_losses.ipynb #5bcb4c27
 class _LabelSmoothingCEFn(torch.autograd.Function):
     "loss = lse(x) - a*x_y - b*sum(x), computed blockwise in float32 (float64 for float64); backward writes the gradient once"
     @staticmethod
@@ -170,16 +171,20 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
                 if variant == 'kl': lin[pi] -= torch.xlogy(c, q).sum(1)
             else:
                 xsum = xc.sum(1, dtype=ct) if w is None else (xc * _cls_view(w, xb.dim())).sum(1)
-                lin[pi] = a * r[pi] * xc.gather(1, safe[pi].unsqueeze(1)).squeeze(1).to(ct) + b * v[pi] * xsum
+                # where, not products: a -inf logit with eps = 0, or in an ignored row, must not turn 0 * -inf into NaN
+                xy = xc.gather(1, safe[pi].unsqueeze(1)).squeeze(1).to(ct)
+                lin[pi] = torch.where(r[pi] != 0, a * r[pi] * xy, 0.) + torch.where(b * v[pi] > 0, b * v[pi] * xsum, 0.)
         if not soft and variant == 'kl':   # subtract the (weighted) target entropy: sum_k c_k log q_k
             lin -= r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
-        loss = (scale * lse - lin).view(x.shape[:1] + x.shape[2:])
+        # ignored positions are exactly 0, even where their logits are not finite
+        loss = (torch.where(scale > 0, scale * lse, 0.) - lin).view(x.shape[:1] + x.shape[2:])
         denom = (loss.new_tensor(float(loss.numel())) if soft else r.sum()) if reduction == 'mean' else None
         ctx.save_for_backward(x, target, w, a, b, denom)   # backward recomputes the softmax: no N x C state
         ctx.meta = ignore_index, reduction
         return _reduce(loss, reduction, denom)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, target, w, a, b, denom = ctx.saved_tensors
         ignore_index, reduction = ctx.meta
@@ -223,15 +228,16 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         return _reduce(loss, reduction, denom)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, target, w, lse, wsum, denom = ctx.saved_tensors
         ignore_index, reduction, a, b = ctx.meta
         g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
         return kernels.loss_grad(x, target, w, ignore_index, lse, wsum, g, a, b), None, None, None, None, None, None
 
-# %% ../nbs/00_losses.ipynb #9a9c3e12
-def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant):
-    _check_inputs(input, target, weight, ignore_index, reduction, variant)
+# %% ../nbs/00_losses.ipynb #73e94972
+def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant, check_weight=True):
+    _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight)
     fn = _LabelSmoothingCEKernelFn if _use_kernels(input, target) else _LabelSmoothingCEFn
     return fn.apply(input, target, eps, weight, ignore_index, reduction, variant)
 
@@ -248,7 +254,7 @@ def label_smoothing_ce(
     if not isinstance(eps, Tensor) or not _is_compiling(): eps = torch.tensor(_check_eps(eps), dtype=torch.float64)
     return _label_smoothing_ce(input, target, eps, weight, ignore_index, reduction, variant)
 
-# %% ../nbs/00_losses.ipynb #b0397f36
+# %% ../nbs/00_losses.ipynb #76c0e6b5
 class LabelSmoothingCE(nn.Module):
     "Label-smoothing cross-entropy over dim 1 (like `nn.CrossEntropyLoss`), fused and memory-light"
     y_int = True # fastai: targets are class indices, so MixUp/CutMix interpolate the loss, not the targets
@@ -262,10 +268,19 @@ class LabelSmoothingCE(nn.Module):
         super().__init__()
         _check_choice('reduction', reduction, _reductions)
         _check_choice('variant', variant, _variants)
-        if weight is not None: _check_weight(weight, len(weight))
+        if weight is not None:
+            if weight.dim() != 1: raise ValueError(f"weight must be a 1-D tensor with one entry per class; got shape {tuple(weight.shape)}")
+            _check_weight(weight, len(weight))
         store_attr('ignore_index,reduction,variant')
         self.register_buffer('eps_t', torch.tensor(_check_eps(eps), dtype=torch.float64))
         self.register_buffer('weight', weight)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(device)`, `.half()`... move the weight, but ε stays a float64 CPU scalar: exact, and read without a device sync
+        eps_t = self.eps_t
+        super()._apply(fn, recurse)
+        self.eps_t = eps_t
+        return self
 
     @property
     def eps(self) -> float:
@@ -276,7 +291,9 @@ class LabelSmoothingCE(nn.Module):
     def eps(self, value): self.eps_t.fill_(_check_eps(value))
 
     def forward(self, input:Tensor, target:Tensor) -> Tensor:
-        return _label_smoothing_ce(input, target, self.eps_t, self.weight, self.ignore_index, self.reduction, self.variant)
+        # the weight's values were checked in __init__: no need for a device sync every batch
+        return _label_smoothing_ce(input, target, self.eps_t, self.weight, self.ignore_index, self.reduction, self.variant,
+                                   check_weight=False)
 
     def activation(self, x:Tensor) -> Tensor:
         "Softmax over the class dim: what `Learner.get_preds` returns"

@@ -240,6 +240,20 @@ def test_state_restored(exc, phase):
         assert h == pytest.approx([cos_ref(0.2, 0.)(p) for p in pcts], abs=1e-9)
         assert end.eps == [h[len(pcts) - n - 1], h[-1]]
 
+class RaiseBeforeFit(Callback):
+    "A later callback whose `before_fit` fails, after `AnnealSmoothing.before_fit` has run"
+    order = 55
+    def before_fit(self): raise RuntimeError('injected in before_fit')
+
+def test_failure_in_a_later_before_fit_is_cleaned_up():
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[AnnealSmoothing('cos'), bad := RaiseBeforeFit()])
+    with pytest.raises(RuntimeError, match='injected'): learn.fit(1)
+    learn.remove_cb(bad)
+    learn.fit(1)
+    check_clean(learn, loss)
+    assert learn.recorder.metric_names.count('eps') == 1
+
 def test_keyboard_interrupt_in_standalone_validate():
     learn = mk_learner(cbs=[AnnealSmoothing('cos'), Raise(KeyboardInterrupt, 'valid')])
     with pytest.raises(KeyboardInterrupt): learn.validate()

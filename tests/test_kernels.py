@@ -34,6 +34,17 @@ SCRIPT = textwrap.dedent('''
                             t = F.cross_entropy(x64, y, weight=None if w is None else w.double(), label_smoothing=0.2, reduction=reduction)
                             torch.testing.assert_close(loss.double(), t, rtol=1e-5, atol=1e-5)
                         cases += 1
+    # a 'none' loss reduced by autograd: the incoming gradient is an expanded, stride-0 tensor
+    x = torch.randn(6, 300, requires_grad=True); y = torch.randint(0, 300, (6,)); y[0] = -100
+    for reduce in (torch.sum, torch.mean):
+        reduce(label_smoothing_ce(x, y, 0.1, reduction='none')).backward()
+        ref = x.detach().clone().requires_grad_()
+        reduce(F.cross_entropy(ref, y, label_smoothing=0.1, reduction='none')).backward()
+        torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-7); x.grad = None
+    # -inf logits, including a whole 4096-wide block of them, at eps = 0 and in an ignored row: finite, like torch
+    x = torch.randn(3, 5000); x[:, :4096] = float('-inf'); y = torch.tensor([4500, 4999, -100])
+    assert L._use_kernels(x, y)
+    torch.testing.assert_close(label_smoothing_ce(x, y, 0., reduction='none'), F.cross_entropy(x, y, reduction='none'))
     print('cases', cases)
 ''')
 

@@ -258,3 +258,32 @@ def test_cuda_inductor_compiles_once():
         torch.testing.assert_close(step(x, y), F.cross_entropy(x, y, label_smoothing=eps), rtol=1e-5, atol=1e-5)
         compiles.append(counter.frame_count)
     assert compiles == compiles[:1] * 3
+
+@pytest.mark.parametrize('eps', [0., 0.2])
+def test_infinite_logits(eps):
+    "Masked (-inf) logits and ignored rows with non-finite logits give torch's finite answers, not 0 * inf = NaN"
+    x = torch.randn(4, 10, dtype=torch.float64); x[:, 7:] = float('-inf'); x[3] = float('nan')
+    y = torch.tensor([0, 3, 6, -100])
+    for reduction in ['none', 'mean', 'sum']:   # with eps > 0 the -inf logits enter the loss: inf, as in torch
+        torch.testing.assert_close(label_smoothing_ce(x, y, eps, reduction=reduction),
+                                   F.cross_entropy(x, y, label_smoothing=eps, reduction=reduction))
+    ours = label_smoothing_ce(x, y, eps, reduction='none')
+    assert ours[3] == 0 and (ours[:3].isfinite().all() if eps == 0 else ours[:3].isposinf().all())
+
+def test_eps_stays_an_exact_cpu_scalar():
+    "Moving or casting the loss (fastai calls `loss_func.to(device)`) moves its weight, never ε"
+    lf = LabelSmoothingCE(0.1, weight=torch.ones(3)).half()
+    assert lf.eps == 0.1 and lf.eps_t.dtype == torch.float64 and lf.eps_t.device.type == 'cpu'
+    assert lf.weight.dtype == torch.float16
+    lf.to('meta')
+    assert lf.eps == 0.1 and lf.weight.device.type == 'meta'
+
+def test_weight_must_be_1d():
+    with pytest.raises(ValueError, match='1-D tensor with one entry per class; got shape \\(\\)'):
+        LabelSmoothingCE(weight=torch.tensor(1.))
+
+def test_double_backward_is_a_clear_error():
+    x = torch.randn(4, 3, requires_grad=True)
+    g, = torch.autograd.grad(label_smoothing_ce(x, torch.tensor([0, 1, 2, 0])), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable|does not require grad'):
+        g.sum().backward()
