@@ -266,14 +266,15 @@ class Comparison:
             if self.dataset == 'pets' and self.pretrained: learn.fine_tune(self.epochs, self.lr)
             else: learn.fit_one_cycle(self.epochs, self.lr)
 
-# %% ../nbs/03_compare.ipynb #656138bb
+# %% ../nbs/03_compare.ipynb #b51f3538
 @patch
 def run(self:Comparison)->pd.DataFrame:
     "Train every (seed, strategy), appending each result to `out/results.csv`; then plot and print the table"
     self.out.mkdir(parents=True, exist_ok=True)
     self.rows, self.preds, self.eps_logs, self._ce = [], {}, {}, None
     runs = [(seed, st) for seed in range(self.seeds) for st in self.strategies]
-    threads = torch.get_num_threads()
+    # set_seed(reproducible=True) switches cuDNN to deterministic kernels; the caller's settings come back afterwards
+    threads, cudnn = torch.get_num_threads(), (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if self.threads: torch.set_num_threads(self.threads)
     try:
         for i, (seed, st) in enumerate(runs):
@@ -283,7 +284,9 @@ def run(self:Comparison)->pd.DataFrame:
         print(f"\nInterrupted: {len(self.rows)} of {len(runs)} runs finished; their results are in {self.out}", file=sys.stderr)
         if self.rows: self._report()
         raise
-    finally: torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
     return self._report()
 
 @patch

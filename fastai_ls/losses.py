@@ -75,7 +75,7 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant, check
                                      f"C={n_classes} classes (and not ignore_index={ignore_index})")
     _check_weight(weight, n_classes, check_values=check_weight and not _is_compiling())
 
-# %% ../nbs/00_losses.ipynb #9a41a950
+# %% ../nbs/00_losses.ipynb #7e24df7b
 _MAX_BLOCK = 1 << 20   # elements: 4 MB of float32, a block stays in cache while it is worked on
 _MIN_BLOCK = 1 << 14   # below this, per-op overhead dominates
 
@@ -86,9 +86,10 @@ def _blocks(shape, nbytes, is_cuda, half):
     if numel == 0: return []
     if _is_compiling() or (is_cuda and not half): budget = numel
     elif is_cuda: budget = max(numel // 64, 1 << 22)
-    # Backward keeps a block's temporaries next to the whole gradient; keep them under ~3% of the input's bytes:
-    # two float32 copies of a half block, or ~32 bytes of per-position terms when there are few classes.
-    else: budget = min(max(nbytes // 256 if half else nbytes * k // 1024, _MIN_BLOCK), _MAX_BLOCK)
+    # Backward keeps a block's temporaries next to the whole gradient. Half inputs: two float32 copies of a block of
+    # 1/16 of the input, a quarter of its bytes (smaller blocks cost more in per-op overhead than they save).
+    # Otherwise ~32 bytes of per-position terms when there are few classes, under ~3% of the input's bytes.
+    else: budget = min(max(nbytes // 32 if half else nbytes * k // 1024, _MIN_BLOCK), _MAX_BLOCK)
     if len(shape) == 2 or k * s <= budget:   # whole rows (a row of a 2-D input is never split)
         rows, rest = max(1, budget // (k * s)), ((slice(None),) if len(shape) == 3 else ())
         return [((slice(i, i + rows), slice(None)) + rest, (slice(i, i + rows),) + rest) for i in range(0, n, rows)]
@@ -235,11 +236,57 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
         return kernels.loss_grad(x, target, w, ignore_index, lse, wsum, g, a, b), None, None, None, None, None, None
 
-# %% ../nbs/00_losses.ipynb #73e94972
+# %% ../nbs/00_losses.ipynb #226ce2e4
+def _small_rows(x, target, weight):
+    "Whether the lean small-input path applies"
+    return (weight is None and x.dim() == 2 and not target.is_floating_point() and x.numel() <= _MIN_BLOCK
+            and not _is_compiling())
+
+def _xlogx(t:float) -> float: return t * math.log(t) if t > 0 else 0.
+
+class _SmallLabelSmoothingCEFn(torch.autograd.Function):
+    "The unweighted 2-D class-index case in whole-tensor ops, for inputs small enough that per-op overhead dominates"
+    @staticmethod
+    def forward(ctx, x, target, eps, ignore_index, reduction, variant):
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xc, k = x.to(ct), x.shape[1]
+        a, b = _coefs(eps.item(), k, variant)
+        keep = target != ignore_index
+        safe = torch.where(keep, target, 0)
+        logp = torch.log_softmax(xc, 1)   # at this size a logits-sized temporary costs nothing, and one fused op is fastest
+        logp_y = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        # -(a log p_y + b sum_k log p_k); a term whose coefficient is 0 is left out, so that a -inf logit
+        # cannot give 0 * -inf = NaN
+        per_row = (logp_y * -a if b == 0 else logp.sum(1) * -b if a == 0
+                   else torch.add(logp_y * -a, logp.sum(1), alpha=-b))
+        if variant == 'kl': per_row += _xlogx(a + b) + (k - 1) * _xlogx(b)   # sum_k q_k log q_k
+        loss, v = torch.where(keep, per_row, 0.), keep.to(ct)
+        # a count of 0 kept rows comes with a total of 0: clamping the count to 1 gives 0 rather than NaN
+        denom = v.sum().clamp_min(1) if reduction == 'mean' else None
+        ctx.save_for_backward(x, safe, v, denom)
+        ctx.meta = reduction, a, b
+        if reduction == 'none': return loss
+        return loss.sum() if reduction == 'sum' else loss.sum() / denom
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, safe, v, denom = ctx.saved_tensors
+        reduction, a, b = ctx.meta
+        g = grad_out.to(v.dtype)
+        g = ((g / denom if reduction == 'mean' else g) * v).unsqueeze(1)
+        p = torch.softmax(x.to(v.dtype), 1).sub_(b).mul_(g)
+        p.scatter_add_(1, safe.unsqueeze(1), g * -a)
+        return p.to(x.dtype), None, None, None, None, None
+
+# %% ../nbs/00_losses.ipynb #692500a7
 def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant, check_weight=True):
     _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight)
-    fn = _LabelSmoothingCEKernelFn if _use_kernels(input, target) else _LabelSmoothingCEFn
-    return fn.apply(input, target, eps, weight, ignore_index, reduction, variant)
+    if _use_kernels(input, target):
+        return _LabelSmoothingCEKernelFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
+    if _small_rows(input, target, weight):
+        return _SmallLabelSmoothingCEFn.apply(input, target, eps, ignore_index, reduction, variant)
+    return _LabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
 
 def label_smoothing_ce(
     input:Tensor, # Logits of shape (N, C) or (N, C, d1, ...): classes on dim 1, like `F.cross_entropy`
@@ -254,7 +301,7 @@ def label_smoothing_ce(
     if not isinstance(eps, Tensor) or not _is_compiling(): eps = torch.tensor(_check_eps(eps), dtype=torch.float64)
     return _label_smoothing_ce(input, target, eps, weight, ignore_index, reduction, variant)
 
-# %% ../nbs/00_losses.ipynb #76c0e6b5
+# %% ../nbs/00_losses.ipynb #176b8332
 class LabelSmoothingCE(nn.Module):
     "Label-smoothing cross-entropy over dim 1 (like `nn.CrossEntropyLoss`), fused and memory-light"
     y_int = True # fastai: targets are class indices, so MixUp/CutMix interpolate the loss, not the targets
@@ -306,7 +353,7 @@ class LabelSmoothingCE(nn.Module):
     def extra_repr(self) -> str:
         return f"eps={self.eps:g}, variant={self.variant!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
-# %% ../nbs/00_losses.ipynb #dc4616fc
+# %% ../nbs/00_losses.ipynb #2ccb1801
 @delegates(LabelSmoothingCE)
 class LabelSmoothingCEFlat(BaseLoss):
     "Same as `LabelSmoothingCE`, but flattens input and target, with the classes on `axis`"
@@ -330,7 +377,7 @@ class LabelSmoothingCEFlat(BaseLoss):
     def activation(self, x:Tensor) -> Tensor: return F.softmax(x, dim=self.axis)
     def decodes(self, x:Tensor) -> Tensor: return x.argmax(dim=self.axis)
 
-# %% ../nbs/00_losses.ipynb #d021b09c
+# %% ../nbs/00_losses.ipynb #943d7950
 def smooth_targets(
     target:Tensor, # Class indices (N, d1, ...) or one-hot/probability rows (N, C, d1, ...)
     n_classes:int, # Number of classes C

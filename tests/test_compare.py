@@ -47,6 +47,16 @@ def test_module_entry_and_default_out(tmp_path):
     assert 'train_loss' not in r.stdout
     check_results(tmp_path/'fastai_ls_results', ['ls', 'anneal'], 1)
 
+def test_in_process_run_restores_global_settings(tmp_path, monkeypatch):
+    "A run inside a notebook leaves the caller's cuDNN flags and thread count as they were"
+    for flag, value in (('deterministic', False), ('benchmark', True)): monkeypatch.setattr(torch.backends.cudnn, flag, value)
+    threads = torch.get_num_threads()
+    main(['compare', '--seeds', '1', '--epochs', '1', '--train-size', '50', '--strategies', 'ce', '--threads', '1',
+          '--quiet', '--out', str(tmp_path/'res')])
+    check_results(tmp_path/'res', ['ce'], 1)
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
+    assert torch.get_num_threads() == threads
+
 def test_pets_sample_from_scratch(tmp_path, pets_path):
     "The pets ResNet34 on the 370-photo sample, tiny, from random weights (`fit_one_cycle`)"
     main(['compare', '--dataset', 'pets', '--path', str(pets_path), '--no-pretrained', '--size', '32', '--bs', '32',
