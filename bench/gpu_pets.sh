@@ -2,30 +2,36 @@
 # GPU validation (issue 5): the pets comparison on the 370-photo sample with resnet34 and fp16, then the loss
 # benchmark on CUDA. Works offline. Run from anywhere:
 #
-#     bash bench/gpu_pets.sh [OUT_DIR]        # default OUT_DIR: gpu_results
+#     bash bench/gpu_pets.sh [OUT_DIR]        # default OUT_DIR: ./gpu_results
+#
+# It needs the project's dependencies (`pip install -e ".[dev]"`), not the install itself: it runs the code of this
+# checkout. PYTHON picks the interpreter (default python3), PETS the images (default: the committed sample).
 #
 # Pretrained weights: the first comparison fine-tunes ImageNet resnet34 weights (`fine_tune(4)`, the setting of the
-# published anchors) when torchvision has them cached or can download them; otherwise `--scratch-fallback` makes it
-# say so on stderr and train from random weights (`fit_one_cycle`), and summary.md says "from scratch". The second
-# comparison always trains from scratch for longer, so that there is a meaningful number without any download.
-# Time per epoch is in each summary.md (and the `epoch_s` column of results.csv).
+# published anchors) when torchvision has them cached or can download them. On a machine without internet, copy
+# resnet34-b627a593.pth into $TORCH_HOME/hub/checkpoints (default TORCH_HOME: ~/.cache/torch). Without them
+# `--scratch-fallback` says so on stderr and trains from random weights (`fit_one_cycle`), and summary.md says
+# "from scratch". The second comparison always trains from scratch for longer, so that there is a meaningful number
+# without any download. Time per epoch is in each summary.md (and the `epoch_s` column of results.csv).
 set -euo pipefail
+OUT=$(realpath -m "${1:-gpu_results}")    # relative to where it was called from
+PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
-OUT=${1:-gpu_results}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PETS=${PETS:-tests/data/oxford-iiit-pet}
 mkdir -p "$OUT"
-python - <<'PY' | tee "$OUT/device.txt"
+"$PY" - <<'PY' | tee "$OUT/device.txt"
 import torch, fastai
 assert torch.cuda.is_available(), "no CUDA GPU visible to torch"
 print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__} (CUDA {torch.version.cuda}); fastai {fastai.__version__}")
 PY
 run() { local name=$1; shift
   local t0=$SECONDS
-  fastai-ls compare --dataset pets --path "$PETS" --arch resnet34 --device cuda --fp16 \
+  "$PY" -m fastai_ls.compare --dataset pets --path "$PETS" --arch resnet34 --device cuda --fp16 \
       --strategies ce ls anneal ce+temp --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "$name: wall $((SECONDS - t0)) s" | tee -a "$OUT/walltimes.txt"
 }
-run pets_resnet34_finetune --seeds 3 --epochs 4 --scratch-fallback
+run pets_resnet34_4epochs --seeds 3 --epochs 4 --scratch-fallback
 run pets_resnet34_scratch --seeds 3 --epochs 20 --no-pretrained
-python bench/bench_loss.py --device cuda 2>&1 | tee "$OUT/bench_loss.txt"
+"$PY" bench/bench_loss.py --device cuda 2>&1 | tee "$OUT/bench_loss.txt"
 echo; for f in "$OUT"/pets_*/summary.md; do echo "== $f"; cat "$f"; echo; done

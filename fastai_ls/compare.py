@@ -170,7 +170,16 @@ def format_table(
     rows += [f"| {st} | {s.loc[st, 'n'].item()} | {' | '.join(cell(k, st) for k in METRICS)} |" for st in s.index]
     return '\n'.join(rows)
 
-# %% ../nbs/03_compare.ipynb #1cf88164
+# %% ../nbs/03_compare.ipynb #15390a4e
+def _check_device(device:str)->torch.device:
+    "`device` as a `torch.device`, or a `CompareError` naming it if this machine does not have it"
+    try: d = torch.device(device)
+    except RuntimeError: raise CompareError(f"--device {device!r} is not a torch device; expected e.g. 'cpu', 'cuda', 'cuda:1', 'mps'") from None
+    n = {'cuda': torch.cuda.device_count(), 'mps': int(torch.backends.mps.is_available())}.get(d.type)
+    if n is not None and (d.index or 0) >= n:
+        raise CompareError(f"--device {device!r}: this machine has {n} {d.type.upper()} device(s)")
+    return d
+
 class Comparison:
     "Train one architecture with several label-smoothing strategies over several seeds and compare them"
     def __init__(self,
@@ -199,7 +208,7 @@ class Comparison:
         self._check()
         self.epochs = ifnone(epochs, 40 if dataset == 'digits' else 4)
         self.bs = ifnone(bs, 32 if dataset == 'digits' else 64)
-        self.device = torch.device(device) if device else default_device()
+        self.device = _check_device(device) if device else default_device()
         # the digits CNN is too small for two threads to help: on a busy 2-core machine they made a run 20x slower
         self.threads = ifnone(threads, 1 if dataset == 'digits' and self.device.type == 'cpu' else None)
         self.fp16 = ifnone(fp16, self.device.type == 'cuda')
@@ -234,7 +243,12 @@ class Comparison:
 
     def _setup_pets(self):
         "Find the images and make sure the weights are there, or say plainly that they are not"
-        path = self.path if self.path is not None else untar_data(URLs.PETS)
+        if self.path is not None: path = self.path
+        else:
+            try: path = untar_data(URLs.PETS)
+            except OSError as e:   # offline: urllib's URLError is an OSError
+                raise CompareError(f"could not download the Oxford-IIIT Pets dataset from {URLs.PETS} ({e}); pass --path "
+                                   f"with a local copy of its images (tests/data/oxford-iiit-pet/images is a 370-photo sample)") from None
         self.files = pet_files(path)
         if self.pretrained and (why := pretrained_available(ARCHS[self.arch])):
             msg = f"the ImageNet weights of {self.arch} could not be loaded ({why})"

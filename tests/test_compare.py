@@ -83,6 +83,14 @@ def test_pets_pretrained_offline(tmp_path, pets_path, offline, capsys):
     with pytest.warns(UserWarning, match='training from random weights instead'): main(argv + ['--scratch-fallback'])
     assert not check_results(tmp_path, ['ls'], 1).pretrained.any()
 
+def test_pets_download_offline(tmp_path, capsys, monkeypatch):
+    "No --path and no network: a plain message naming the download and the way out, exit 2"
+    def fail(*args, **kwargs): raise urllib.error.URLError('Name or service not known (simulated)')
+    monkeypatch.setattr(C, 'untar_data', fail)
+    code, err = exit_of(['compare', '--dataset', 'pets', '--out', str(tmp_path/'out')], capsys)
+    assert code == 2 and 'could not download the Oxford-IIIT Pets dataset' in err and 'pass --path' in err, err
+    assert 'Traceback' not in err and not (tmp_path/'out').exists()
+
 def test_hanging_weights_download_times_out(monkeypatch):
     "A network that drops packets makes a download hang forever: the check gives up and says so"
     from fastai_ls.compare import pretrained_available
@@ -119,6 +127,8 @@ def _bad_folders(tmp_path, pets_path):
     (['--dataset', 'pets', '--path', '{tmp}/afile.jpg'], 'is not a folder'),
     (['--dataset', 'pets', '--path', '{tmp}/nomatch'], r'none of the 3 images'),
     (['--dataset', 'pets', '--path', '{tmp}/nomatch', '--arch', 'vgg16'], "unknown arch 'vgg16'"),
+    (['--device', 'gpu0'], "--device 'gpu0' is not a torch device"),
+    (['--device', 'cuda:7'], "--device 'cuda:7': this machine has"),
 ])
 def test_bad_arguments(tmp_path, pets_path, capsys, args, msg):
     "Every bad argument: a message naming the problem, exit status 2, nothing trained or written"
