@@ -365,7 +365,12 @@ def compare(**kwargs)->pd.DataFrame:
     "Check the arguments, run a `Comparison`, and return its per-run results"
     return Comparison(**kwargs).run()
 
-# %% ../nbs/03_compare.ipynb #5c88f2c9
+# %% ../nbs/03_compare.ipynb #7a64eacf
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "argparse's '(default: X)', except where the help text states its default itself"
+    def _get_help_string(self, action):
+        return action.help if 'default' in action.help else super()._get_help_string(action)
+
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fastai-ls', description="Label smoothing for fastai")
     sub = p.add_subparsers(dest='command', required=True, metavar='command')
@@ -373,7 +378,7 @@ def _parser()->argparse.ArgumentParser:
         description="Train the same model with plain cross-entropy (ce), fixed label smoothing (ls), annealed label "
                     "smoothing (anneal) and optionally CE plus temperature scaling (ce+temp), over several seeds; print "
                     "error rate, NLL, ECE and Brier score as mean ± std, and write a CSV and plots to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     a = c.add_argument
     a('--dataset', default='digits', help=f"one of {', '.join(DATASETS)}")
     a('--strategies', nargs='+', default=list(STRATEGIES), metavar='S', help=f"from {', '.join(STRATEGIES)}")

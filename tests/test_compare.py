@@ -1,5 +1,5 @@
 "The `fastai-ls compare` command line: real runs on digits and on the pet sample, bad arguments, Ctrl-C"
-import os, shutil, signal, subprocess, sys, time, urllib.error
+import os, re, shutil, signal, subprocess, sys, time, urllib.error
 import pandas as pd, pytest, torch
 from fastai_ls import compare as C
 from fastai_ls.compare import main, STRATEGIES, METRICS
@@ -137,6 +137,12 @@ def test_bad_arguments(tmp_path, pets_path, capsys, args, msg):
     assert code == 2, err
     assert msg in err and 'usage: fastai-ls compare' in err, err
     assert 'Traceback' not in err and not (tmp_path/'out').exists()
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit) as e: main(['compare', '--help'])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and '--train-size' in out and '(default: 3)' in out   # --seeds
+    assert '(default: None)' not in out and not re.search(r'\(default:[^)]*\)\s*\(default:', out), out
 
 def test_bad_arguments_console_script():
     "The same from the shell: no subcommand, an unknown one"
