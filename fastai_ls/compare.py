@@ -280,7 +280,7 @@ class Comparison:
             if self.dataset == 'pets' and self.pretrained: learn.fine_tune(self.epochs, self.lr)
             else: learn.fit_one_cycle(self.epochs, self.lr)
 
-# %% ../nbs/03_compare.ipynb #b51f3538
+# %% ../nbs/03_compare.ipynb #1aab952e
 @patch
 def run(self:Comparison)->pd.DataFrame:
     "Train every (seed, strategy), appending each result to `out/results.csv`; then plot and print the table"
@@ -315,7 +315,7 @@ def _run_one(self:Comparison, seed, strategy)->dict:
     T = learn.temperature_scale() if strategy == 'ce+temp' else float('nan')
     res, logits, targs = evaluate(learn)
     self.preds.setdefault(strategy, []).append((logits, targs))
-    log = learn.run_log
+    log = first(learn.cbs, risinstance(_RunLog))
     self.eps_logs.setdefault(strategy, log.eps)
     return dict(dataset=self.dataset, strategy=strategy, seed=seed, **res, temperature=T, eps=self.eps,
                 schedule=self.schedule if strategy == 'anneal' else '', epochs_run=log.n_epochs, train_s=round(log.secs, 2),
@@ -355,9 +355,6 @@ def _report(self:Comparison)->pd.DataFrame:
     (self.out/'summary.md').write_text(f"{setting}\n\n{table}\n")
     print(f"\n{setting}\n\n{table}\n\nResults, plots and summary in {self.out}/", flush=True)
     return df
-
-@patch(as_prop=True)
-def run_log(self:Learner)->_RunLog: return self.cbs.filter(lambda c: isinstance(c, _RunLog))[0]
 
 # %% ../nbs/03_compare.ipynb #fd8839f2
 @delegates(Comparison)
