@@ -4,8 +4,8 @@
 #
 #     bash bench/gpu_pets.sh [OUT_DIR]        # default OUT_DIR: ./gpu_results
 #
-# It needs the project's dependencies (`pip install -e ".[dev]"`), not the install itself: it runs the code of this
-# checkout. PYTHON picks the interpreter (default python3), PETS the images (default: the committed sample).
+# It runs the code of this checkout, with the dependencies that `pip install -e ".[dev]"` installs. PYTHON picks the
+# interpreter (default python3), PETS the images (default: the committed sample); paths are relative to where it runs.
 #
 # Pretrained weights: the first comparison fine-tunes ImageNet resnet34 weights (`fine_tune(4)`, the setting of the
 # published anchors) when torchvision has them cached or can download them. On a machine without internet, copy
@@ -14,11 +14,13 @@
 # "from scratch". The second comparison always trains from scratch for longer, so that there is a meaningful number
 # without any download. Time per epoch is in each summary.md (and the `epoch_s` column of results.csv).
 set -euo pipefail
-OUT=$(realpath -m "${1:-gpu_results}")    # relative to where it was called from
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(realpath -m "${1:-gpu_results}")
+PETS=$(realpath -m "${PETS:-$REPO/tests/data/oxford-iiit-pet}")
 PY=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PETS=${PETS:-tests/data/oxford-iiit-pet}
+[[ $PY == */* ]] && PY=$(realpath -m "$PY")
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 "$PY" - <<'PY' | tee "$OUT/device.txt"
 import torch, fastai

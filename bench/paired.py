@@ -23,8 +23,7 @@ def main():
     args = p.parse_args()
     print(f"| train | difference | error (points) | {' | '.join(list(METRICS.values())[1:])} |")
     print('|---:|---|' + '---:|' * len(METRICS))
-    for run in args.runs:
-        df = pd.read_csv(run/'results.csv')
+    for df in sorted((pd.read_csv(run/'results.csv') for run in args.runs), key=lambda df: df.n_train.iloc[0]):
         by = {st: g.set_index('seed').sort_index() for st, g in df.groupby('strategy')}
         for a, b in PAIRS:
             if a not in by or b not in by: continue

@@ -170,14 +170,15 @@ def format_table(
     rows += [f"| {st} | {s.loc[st, 'n'].item()} | {' | '.join(cell(k, st) for k in METRICS)} |" for st in s.index]
     return '\n'.join(rows)
 
-# %% ../nbs/03_compare.ipynb #15390a4e
+# %% ../nbs/03_compare.ipynb #07837766
 def _check_device(device:str)->torch.device:
     "`device` as a `torch.device`, or a `CompareError` naming it if this machine does not have it"
     try: d = torch.device(device)
     except RuntimeError: raise CompareError(f"--device {device!r} is not a torch device; expected e.g. 'cpu', 'cuda', 'cuda:1', 'mps'") from None
-    n = {'cuda': torch.cuda.device_count(), 'mps': int(torch.backends.mps.is_available())}.get(d.type)
-    if n is not None and (d.index or 0) >= n:
-        raise CompareError(f"--device {device!r}: this machine has {n} {d.type.upper()} device(s)")
+    if d.type == 'cpu': return d
+    # torch.cuda, torch.mps, torch.xpu... count their devices; a type without such a module ('meta') cannot train
+    n = getattr(getattr(torch, d.type, None), 'device_count', lambda: 0)()
+    if (d.index or 0) >= n: raise CompareError(f"--device {device!r}: this machine has {n} {d.type} device(s)")
     return d
 
 class Comparison:
@@ -248,7 +249,8 @@ class Comparison:
             try: path = untar_data(URLs.PETS)
             except OSError as e:   # offline: urllib's URLError is an OSError
                 raise CompareError(f"could not download the Oxford-IIIT Pets dataset from {URLs.PETS} ({e}); pass --path "
-                                   f"with a local copy of its images (tests/data/oxford-iiit-pet/images is a 370-photo sample)") from None
+                                   f"with a local copy of its images (a clone of fastai_ls has a 370-photo sample in "
+                                   f"tests/data/oxford-iiit-pet)") from None
         self.files = pet_files(path)
         if self.pretrained and (why := pretrained_available(ARCHS[self.arch])):
             msg = f"the ImageNet weights of {self.arch} could not be loaded ({why})"
@@ -362,11 +364,11 @@ def compare(**kwargs)->pd.DataFrame:
     "Check the arguments, run a `Comparison`, and return its per-run results"
     return Comparison(**kwargs).run()
 
-# %% ../nbs/03_compare.ipynb #7a64eacf
+# %% ../nbs/03_compare.ipynb #1af0fb1f
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "argparse's '(default: X)', except where the help text states its default itself"
     def _get_help_string(self, action):
-        return action.help if 'default' in action.help else super()._get_help_string(action)
+        return action.help if 'default' in (action.help or '') else super()._get_help_string(action)
 
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fastai-ls', description="Label smoothing for fastai")

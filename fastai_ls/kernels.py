@@ -21,7 +21,7 @@ def triton_ok(x) -> bool:
 
 def _block(k): return min(max(triton.next_power_of_2(k), 16), 4096)
 
-# %% ../nbs/05_kernels.ipynb #f32cad15
+# %% ../nbs/05_kernels.ipynb #77362401
 if triton is not None:
     @triton.jit
     def _loss_kernel(X, T, W, LOSS, LSE, R, WSUM, K, stride, ignore_index, a, b, ent_y, ent_o,
@@ -56,7 +56,7 @@ if triton is not None:
         # ent_y, ent_o: q log q of the target's true and other classes; both 0 unless variant='kl'
         scale = a * r + b * ws * v
         # where, not products: 0 * -inf (eps = 0 with -inf logits, ignored rows) must give 0, not NaN
-        loss = tl.where(scale > 0, scale * lse, 0.) - tl.where(r != 0, a * r * xy, 0.) - tl.where(b * v > 0, b * v * xs, 0.) \
+        loss = tl.where(scale > 0, scale * lse, 0.) - tl.where(a * r != 0, a * r * xy, 0.) - tl.where(b * v > 0, b * v * xs, 0.) \
                + r * ent_y + (ws * v - r) * ent_o
         tl.store(LOSS + row, loss)
         tl.store(LSE + row, lse)

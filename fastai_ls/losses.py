@@ -144,7 +144,7 @@ def _as_blocks(x, target):
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     return x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
 
-# %% ../nbs/00_losses.ipynb #5bcb4c27
+# %% ../nbs/00_losses.ipynb #49acb513
 class _LabelSmoothingCEFn(torch.autograd.Function):
     "loss = lse(x) - a*x_y - b*sum(x), computed blockwise in float32 (float64 for float64); backward writes the gradient once"
     @staticmethod
@@ -172,9 +172,11 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
                 if variant == 'kl': lin[pi] -= torch.xlogy(c, q).sum(1)
             else:
                 xsum = xc.sum(1, dtype=ct) if w is None else (xc * _cls_view(w, xb.dim())).sum(1)
-                # where, not products: a -inf logit with eps = 0, or in an ignored row, must not turn 0 * -inf into NaN
+                # where, not products: a -inf logit whose coefficient is 0 (eps = 0; 'others' at eps = (K-1)/K; an
+                # ignored row) must not turn 0 * -inf into NaN
                 xy = xc.gather(1, safe[pi].unsqueeze(1)).squeeze(1).to(ct)
-                lin[pi] = torch.where(r[pi] != 0, a * r[pi] * xy, 0.) + torch.where(b * v[pi] > 0, b * v[pi] * xsum, 0.)
+                ar, bv = a * r[pi], b * v[pi]
+                lin[pi] = torch.where(ar != 0, ar * xy, 0.) + torch.where(bv > 0, bv * xsum, 0.)
         if not soft and variant == 'kl':   # subtract the (weighted) target entropy: sum_k c_k log q_k
             lin -= r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
         # ignored positions are exactly 0, even where their logits are not finite
@@ -236,7 +238,7 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
         return kernels.loss_grad(x, target, w, ignore_index, lse, wsum, g, a, b), None, None, None, None, None, None
 
-# %% ../nbs/00_losses.ipynb #226ce2e4
+# %% ../nbs/00_losses.ipynb #77a8ecdd
 def _small_rows(x, target, weight):
     "Whether the lean small-input path applies"
     return (weight is None and x.dim() == 2 and not target.is_floating_point() and x.numel() <= _MIN_BLOCK
@@ -252,7 +254,7 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
         xc, k = x.to(ct), x.shape[1]
         a, b = _coefs(eps.item(), k, variant)
         keep = target != ignore_index
-        safe = torch.where(keep, target, 0)
+        safe = torch.where(keep, target, 0).long()   # gather/scatter take int64 indices; targets may be uint8...
         logp = torch.log_softmax(xc, 1)   # at this size a logits-sized temporary costs nothing, and one fused op is fastest
         logp_y = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
         # -(a log p_y + b sum_k log p_k); a term whose coefficient is 0 is left out, so that a -inf logit

@@ -51,7 +51,7 @@ def test_in_process_run_restores_global_settings(tmp_path, monkeypatch):
     "A run inside a notebook leaves the caller's cuDNN flags and thread count as they were"
     for flag, value in (('deterministic', False), ('benchmark', True)): monkeypatch.setattr(torch.backends.cudnn, flag, value)
     threads = torch.get_num_threads()
-    main(['compare', '--seeds', '1', '--epochs', '1', '--train-size', '50', '--strategies', 'ce', '--threads', '1',
+    main(['compare', '--seeds', '1', '--epochs', '1', '--train-size', '50', '--strategies', 'ce', '--threads', str(threads + 1),
           '--quiet', '--out', str(tmp_path/'res')])
     check_results(tmp_path/'res', ['ce'], 1)
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
@@ -128,7 +128,8 @@ def _bad_folders(tmp_path, pets_path):
     (['--dataset', 'pets', '--path', '{tmp}/nomatch'], r'none of the 3 images'),
     (['--dataset', 'pets', '--path', '{tmp}/nomatch', '--arch', 'vgg16'], "unknown arch 'vgg16'"),
     (['--device', 'gpu0'], "--device 'gpu0' is not a torch device"),
-    (['--device', 'cuda:7'], "--device 'cuda:7': this machine has"),
+    (['--device', f'cuda:{torch.cuda.device_count()}'], f"--device 'cuda:{torch.cuda.device_count()}': this machine has"),
+    (['--device', 'meta'], "--device 'meta': this machine has 0 meta device(s)"),
 ])
 def test_bad_arguments(tmp_path, pets_path, capsys, args, msg):
     "Every bad argument: a message naming the problem, exit status 2, nothing trained or written"

@@ -259,16 +259,46 @@ def test_cuda_inductor_compiles_once():
         compiles.append(counter.frame_count)
     assert compiles == compiles[:1] * 3
 
+# A weight of ones gives the same loss through the blockwise path; without a weight small inputs take the lean path
+paths = pytest.mark.parametrize('ones_weight', [False, True], ids=['lean', 'blockwise'])
+
+@paths
 @pytest.mark.parametrize('eps', [0., 0.2])
-def test_infinite_logits(eps):
+def test_infinite_logits(eps, ones_weight):
     "Masked (-inf) logits and ignored rows with non-finite logits give torch's finite answers, not 0 * inf = NaN"
     x = torch.randn(4, 10, dtype=torch.float64); x[:, 7:] = float('-inf'); x[3] = float('nan')
     y = torch.tensor([0, 3, 6, -100])
+    w = torch.ones(10, dtype=torch.float64) if ones_weight else None
     for reduction in ['none', 'mean', 'sum']:   # with eps > 0 the -inf logits enter the loss: inf, as in torch
-        torch.testing.assert_close(label_smoothing_ce(x, y, eps, reduction=reduction),
+        torch.testing.assert_close(label_smoothing_ce(x, y, eps, weight=w, reduction=reduction),
                                    F.cross_entropy(x, y, label_smoothing=eps, reduction=reduction))
-    ours = label_smoothing_ce(x, y, eps, reduction='none')
+    ours = label_smoothing_ce(x, y, eps, weight=w, reduction='none')
     assert ours[3] == 0 and (ours[:3].isfinite().all() if eps == 0 else ours[:3].isposinf().all())
+
+@paths
+@pytest.mark.parametrize('k', [2, 4, 10])
+def test_others_with_zero_target_coefficient(k, ones_weight):
+    "variant='others' at eps = (K-1)/K puts nothing on x_y itself (a = 0): a -inf target logit gives inf, not NaN"
+    x = torch.randn(3, k, dtype=torch.float64); x[0, 1] = float('-inf')
+    y = torch.tensor([1, 0, 1])
+    eps = (k - 1) / k
+    w = torch.ones(k, dtype=torch.float64) if ones_weight else None
+    ours = label_smoothing_ce(x, y, eps, weight=w, reduction='none', variant='others')
+    ref = _hand_loss(x, y, eps, 'others', 'none')   # q_y = 1 - eps > 0 on a -inf logit: +inf
+    assert ours[0].isposinf() and ref[0].isposinf()
+    torch.testing.assert_close(ours[1:], ref[1:], rtol=1e-9, atol=1e-9)
+
+@paths
+@pytest.mark.parametrize('tdtype', [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_integer_target_dtypes_float32(tdtype, ones_weight):
+    "Any integer dtype of class indices works, like in torch; float32 logits match it in value and gradient"
+    x = torch.randn(64, 37) * 3
+    y = torch.randint(0, 37, (64,))
+    w = torch.ones(37) if ones_weight else None
+    ours, g_ours = _value_and_grad(lambda x: label_smoothing_ce(x, y.to(tdtype), 0.1, weight=w), x)
+    ref, g_ref = _value_and_grad(lambda x: F.cross_entropy(x, y, label_smoothing=0.1), x)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
 
 def test_eps_stays_an_exact_cpu_scalar():
     "Moving or casting the loss (fastai calls `loss_func.to(device)`) moves its weight, never ε"
