@@ -45,6 +45,14 @@ SCRIPT = textwrap.dedent('''
     x = torch.randn(3, 5000); x[:, :4096] = float('-inf'); y = torch.tensor([4500, 4999, -100])
     assert L._use_kernels(x, y)
     torch.testing.assert_close(label_smoothing_ce(x, y, 0., reduction='none'), F.cross_entropy(x, y, reduction='none'))
+    # variant='others' at eps = (K-1)/K has no weight on x_y itself: a -inf target logit gives inf (q_y > 0), not NaN
+    x = torch.randn(2, 4); x[0, 1] = float('-inf'); y = torch.tensor([1, 2])
+    loss = label_smoothing_ce(x, y, 0.75, reduction='none', variant='others')
+    L.kernels.triton = None
+    ref = label_smoothing_ce(x, y, 0.75, reduction='none', variant='others')
+    L.kernels.triton = triton
+    assert loss[0].isposinf() and ref[0].isposinf(), (loss, ref)
+    torch.testing.assert_close(loss[1:], ref[1:])
     print('cases', cases)
 ''')
 
