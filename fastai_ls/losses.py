@@ -75,7 +75,7 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant, check
                                      f"C={n_classes} classes (and not ignore_index={ignore_index})")
     _check_weight(weight, n_classes, check_values=check_weight and not _is_compiling())
 
-# %% ../nbs/00_losses.ipynb #7e24df7b
+# %% ../nbs/00_losses.ipynb #8118963b
 _MAX_BLOCK = 1 << 20   # elements: 4 MB of float32, a block stays in cache while it is worked on
 _MIN_BLOCK = 1 << 14   # below this, per-op overhead dominates
 
@@ -101,6 +101,10 @@ def _coefs(eps, n_classes, variant):
     "Coefficients `a` (on x_y) and `b` (on every x_k) of the smoothed target: q = a*onehot + b"
     eps_ = eps * (n_classes / (n_classes - 1)) if variant == 'others' else eps
     return 1 - eps_, eps_ / n_classes
+
+def _compute_dtype(x):
+    "float64 for float64 logits, float32 for everything else (half inputs are computed in float32)"
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 def _cls_view(t, ndim):
     "Reshape a per-class vector to broadcast against a (N, C[, S]) tensor"
@@ -144,12 +148,12 @@ def _as_blocks(x, target):
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     return x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
 
-# %% ../nbs/00_losses.ipynb #49acb513
+# %% ../nbs/00_losses.ipynb #cdd3b448
 class _LabelSmoothingCEFn(torch.autograd.Function):
     "loss = lse(x) - a*x_y - b*sum(x), computed blockwise in float32 (float64 for float64); backward writes the gradient once"
     @staticmethod
     def forward(ctx, x, target, eps, weight, ignore_index, reduction, variant):
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32   # compute dtype
+        ct = _compute_dtype(x)
         xb, tb = _as_blocks(x, target)
         k = xb.shape[1]
         a, b = _coefs(eps.to(ct), k, variant)
@@ -238,7 +242,7 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
         return kernels.loss_grad(x, target, w, ignore_index, lse, wsum, g, a, b), None, None, None, None, None, None
 
-# %% ../nbs/00_losses.ipynb #77a8ecdd
+# %% ../nbs/00_losses.ipynb #63160e28
 def _small_rows(x, target, weight):
     "Whether the lean small-input path applies"
     return (weight is None and x.dim() == 2 and not target.is_floating_point() and x.numel() <= _MIN_BLOCK
@@ -250,7 +254,7 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
     "The unweighted 2-D class-index case in whole-tensor ops, for inputs small enough that per-op overhead dominates"
     @staticmethod
     def forward(ctx, x, target, eps, ignore_index, reduction, variant):
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ct = _compute_dtype(x)
         xc, k = x.to(ct), x.shape[1]
         a, b = _coefs(eps.item(), k, variant)
         keep = target != ignore_index
