@@ -13,6 +13,8 @@
 # `--scratch-fallback` says so on stderr and trains from random weights (`fit_one_cycle`), and summary.md says
 # "from scratch". The second comparison always trains from scratch for longer, so that there is a meaningful number
 # without any download. Time per epoch is in each summary.md (and the `epoch_s` column of results.csv).
+# `compare` never overwrites results: give a new OUT_DIR to run again. A comparison with a failed run (status 1) is
+# reported and the script goes on to the next one.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=$(realpath -m "${1:-gpu_results}")
@@ -29,9 +31,10 @@ print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__} (CUDA {torch.
 PY
 run() { local name=$1; shift
   local t0=$SECONDS
+  local status=0
   "$PY" -m fastai_ls.compare --dataset pets --path "$PETS" --arch resnet34 --device cuda --fp16 \
-      --strategies ce ls anneal ce+temp --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log"
-  echo "$name: wall $((SECONDS - t0)) s" | tee -a "$OUT/walltimes.txt"
+      --strategies ce ls anneal ce+temp --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log" || status=$?
+  echo "$name: wall $((SECONDS - t0)) s, exit status $status" | tee -a "$OUT/walltimes.txt"
 }
 run pets_resnet34_4epochs --seeds 3 --epochs 4 --scratch-fallback
 run pets_resnet34_scratch --seeds 3 --epochs 20 --no-pretrained

@@ -6,20 +6,21 @@ Docs: https://fastai-ls.github.io/fastai_ls/compare.html.md"""
 
 # %% ../nbs/03_compare.ipynb #33c57301
 from __future__ import annotations
-import argparse, csv, re, sys, threading, time, warnings
+import argparse, csv, math, re, sys, tempfile, threading, time, traceback, warnings
 from pathlib import Path
 import pandas as pd
 from torch.utils.data import TensorDataset
 from fastai.vision.all import *
 from matplotlib.figure import Figure  # after fastai's star import, which has a `Figure` of its own
+from PIL import Image
 from .losses import LabelSmoothingCE
 from .callback import AnnealSmoothing, EPS_SCHEDULES
-from .metrics import ECE, NLL, MultiBrier, reliability_diagram, TemperatureScaling
+from .metrics import ECE, NLL, MultiBrier, reliability_diagram, fit_temperature, TemperatureScaling
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'DATASETS', 'PETS_PAT', 'ARCHS', 'DIGITS_VALID', 'METRICS', 'CompareError', 'make_loss', 'make_cbs',
-           'digits_data', 'digits_cnn', 'pet_files', 'pets_data', 'pretrained_available', 'evaluate', 'summarize',
-           'format_table', 'Comparison', 'compare', 'main']
+__all__ = ['STRATEGIES', 'DATASETS', 'PETS_PAT', 'ARCHS', 'DIGITS_VALID', 'PETS_VALID_PCT', 'METRICS', 'OUTPUTS', 'CompareError',
+           'make_loss', 'make_cbs', 'digits_data', 'digits_cnn', 'pet_files', 'pets_data', 'pretrained_available',
+           'evaluate', 'summarize', 'format_table', 'Comparison', 'compare', 'main']
 
 # %% ../nbs/03_compare.ipynb #08618b98
 STRATEGIES = ('ce', 'ls', 'anneal', 'ce+temp')
@@ -77,11 +78,20 @@ def digits_cnn(
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(4*nf, 10))
 
 # %% ../nbs/03_compare.ipynb #df360f55
+PETS_VALID_PCT = 0.2
+
+def _image_problem(f:Path)->str|None:
+    "Why the image `f` cannot be decoded, or None if it can"
+    try:
+        # `draft` decodes a JPEG at 1/8 scale, several times faster, but still reads every byte: a truncated file fails
+        with Image.open(f) as im: im.draft('RGB', (1, 1)); im.load()
+    except Exception as e: return f"{type(e).__name__}: {e}"  # OSError (truncated, not an image), DecompressionBombError...
+
 def pet_files(
     path, # Folder of `<breed>_<number>.jpg` images, or a dataset root with an `images/` folder
     pat:str=PETS_PAT, # Regular expression whose first group is the label
 )->L:
-    "The images under `path` whose names match `pat`, or a `CompareError` that says what is wrong with `path`"
+    "The images under `path` whose names match `pat`, or a `CompareError` that says what is wrong with `path` or an image"
     path = Path(path).expanduser()
     if not path.exists(): raise CompareError(f"--path {path} does not exist")
     if not path.is_dir(): raise CompareError(f"--path {path} is not a folder")
@@ -95,6 +105,10 @@ def pet_files(
     if len(ok) < len(files): warnings.warn(f"skipping {len(files)-len(ok)} images in {path} whose names do not match {pat}")
     labels = {re.match(pat, f.name).group(1) for f in ok}
     if len(labels) < 2: raise CompareError(f"the images in {path} have fewer than 2 labels ({labels}); nothing to classify")
+    bad = [(f, why) for f in ok if (why := _image_problem(f))]
+    if bad:
+        raise CompareError(f"{len(bad)} of the {len(ok)} images in {path} cannot be read; remove or replace them: " +
+                           '; '.join(f"{f.name} ({why})" for f, why in bad[:5]) + ('; ...' if len(bad) > 5 else ''))
     return ok
 
 def pets_data(
@@ -107,7 +121,7 @@ def pets_data(
 )->DataLoaders:
     "Pets `DataLoaders` as in fastai's tutorial: labels from names, presizing, `aug_transforms`, a fixed 20% validation set"
     kw = {} if num_workers is None else dict(num_workers=num_workers)
-    return ImageDataLoaders.from_name_re(files[0].parent, files, pat, valid_pct=0.2, seed=42, bs=bs, device=device,
+    return ImageDataLoaders.from_name_re(files[0].parent, files, pat, valid_pct=PETS_VALID_PCT, seed=42, bs=bs, device=device,
         item_tfms=Resize(round(size*460/224)), batch_tfms=aug_transforms(size=size, min_scale=0.75), **kw)
 
 # %% ../nbs/03_compare.ipynb #59c239dc
@@ -139,9 +153,12 @@ class _RunLog(Callback):
 def evaluate(
     learn:Learner, # A trained `Learner`
 )->tuple: # `(metrics dict, logits, targets)`
-    "Error rate, NLL, ECE and Brier score on the validation set of `learn`"
+    "Error rate, NLL, ECE and Brier score on the validation set of `learn`; `FloatingPointError` if its outputs are not finite"
     logits, targs = learn.get_preds(ds_idx=1, act=noop)
     logits, targs = logits.float().cpu(), targs.cpu()
+    bad = (~logits.isfinite()).any(1).sum().item()
+    if bad: raise FloatingPointError(f"the model diverged: {bad} of its {len(logits)} validation outputs are NaN or infinite "
+                                     f"(a lower --lr may help)")
     res = dict(error_rate=(logits.argmax(1) != targs).double().mean().item(), nll=NLL(from_logits=True)(logits, targs),
                ece=ECE(from_logits=True)(logits, targs), brier=MultiBrier(from_logits=True)(logits, targs))
     return res, logits, targs
@@ -152,19 +169,20 @@ METRICS = dict(error_rate='error %', nll='NLL', ece='ECE', brier='Brier')
 def summarize(
     df:pd.DataFrame, # Per-run results, with `strategy` and the `METRICS` columns
 )->pd.DataFrame:
-    "Mean and std over seeds of each metric, per strategy, in the order the strategies first appear"
+    "Mean and std over seeds of each metric, per strategy, in the order the strategies first appear; failed runs (NaN) are not counted"
     g = df.groupby('strategy', sort=False)[list(METRICS)]
     return pd.concat(dict(mean=g.mean(), std=g.std(), n=g.count().iloc[:, 0]), axis=1)
 
 def format_table(
     df:pd.DataFrame, # Per-run results, with `strategy` and the `METRICS` columns
 )->str:
-    "A markdown table of `summarize(df)`: error in %, the others with 4 decimals"
+    "A markdown table of `summarize(df)`: error in %, the others with 4 decimals; n/a where every run failed"
     s = summarize(df)
     def cell(k, strat):
         f = 100 if k == 'error_rate' else 1
         m, sd = s.loc[strat, ('mean', k)]*f, s.loc[strat, ('std', k)]*f
         p = 2 if k == 'error_rate' else 4
+        if pd.isna(m): return 'n/a'
         return f"{m:.{p}f}" + ('' if pd.isna(sd) else f" ± {sd:.{p}f}")
     rows = [f"| strategy | seeds | {' | '.join(METRICS.values())} |", '|---|---:|' + '---:|'*len(METRICS)]
     rows += [f"| {st} | {s.loc[st, 'n'].item()} | {' | '.join(cell(k, st) for k in METRICS)} |" for st in s.index]
@@ -181,6 +199,8 @@ def _check_device(device:str)->torch.device:
     if (d.index or 0) >= n: raise CompareError(f"--device {device!r}: this machine has {n} {d.type} device(s)")
     return d
 
+OUTPUTS = ('results.csv', 'summary.md', 'reliability.png', 'eps_schedule.png')
+
 class Comparison:
     "Train one architecture with several label-smoothing strategies over several seeds and compare them"
     def __init__(self,
@@ -191,7 +211,7 @@ class Comparison:
         schedule:str='cos', # ε schedule of `anneal`, a name in `EPS_SCHEDULES`
         epochs:int|None=None, # Training epochs; None: 40 for digits, 4 for pets
         lr:float|None=None, # Maximum learning rate; None: 1e-2 for digits, 2e-3 for pets (fine-tuned) or 1e-2 (scratch)
-        bs:int|None=None, # Batch size; None: 32 for digits, 64 for pets
+        bs:int|None=None, # Batch size, at most the training set's size; None: 32 for digits, 64 for pets, or that size if smaller
         train_size:int=200, # digits: number of training images (the validation set is always the same 500)
         path:str|Path|None=None, # pets: the images, or the dataset root; None: `untar_data(URLs.PETS)`
         arch:str='resnet34', # pets: torchvision ResNet, a name in `ARCHS`
@@ -202,20 +222,21 @@ class Comparison:
         fp16:bool|None=None, # Mixed precision (`to_fp16`); None: on when training on CUDA
         device:str|None=None, # 'cpu', 'cuda', ...; None: fastai's default device
         threads:int|None=None, # CPU threads for torch during the runs; None: 1 for digits on CPU, else torch's default
-        out:str|Path='fastai_ls_results', # Folder for the CSV and the plots
+        out:str|Path='fastai_ls_results', # Folder for the CSV and the plots; one holding an earlier comparison's is refused
+        overwrite:bool=False, # Replace an earlier comparison's files in `out` (once the first new run has finished)
         show_progress:bool=True, # Show fastai's progress bars and epoch tables
     ):
         store_attr()
         self._check()
         self.epochs = ifnone(epochs, 40 if dataset == 'digits' else 4)
-        self.bs = ifnone(bs, 32 if dataset == 'digits' else 64)
         self.device = _check_device(device) if device else default_device()
         # the digits CNN is too small for two threads to help: on a busy 2-core machine they made a run 20x slower
         self.threads = ifnone(threads, 1 if dataset == 'digits' and self.device.type == 'cpu' else None)
         self.fp16 = ifnone(fp16, self.device.type == 'cuda')
-        if dataset == 'pets': self._setup_pets()
+        if dataset == 'pets': self.files = pet_files(self._pets_path())
+        self._check_sizes()
+        if dataset == 'pets' and self.pretrained: self._check_weights()
         self.lr = ifnone(lr, 2e-3 if dataset == 'pets' and self.pretrained else 1e-2)
-        self.out = Path(out)
 
     def _check(self):
         "Everything that can be checked without data, with messages that name the option"
@@ -236,30 +257,60 @@ class Comparison:
         for k in ('epochs', 'bs', 'size', 'threads'):
             v = getattr(self, k)
             if v is not None and v < 1: raise CompareError(f"--{k.replace('_', '-')} must be at least 1; got {v}")
-        if self.lr is not None and not self.lr > 0: raise CompareError(f"--lr must be > 0; got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < math.inf: raise CompareError(f"--lr must be a finite number > 0; got {self.lr}")
         if self.dataset == 'digits':
             if self.path is not None: raise CompareError("--path is for --dataset pets; digits are bundled with scikit-learn")
             digits_data(self.train_size)  # checks --train-size
         if self.arch not in ARCHS: raise CompareError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
+        self.out = Path(self.out).expanduser()
+        self._check_out()
 
-    def _setup_pets(self):
-        "Find the images and make sure the weights are there, or say plainly that they are not"
-        if self.path is not None: path = self.path
+    def _check_out(self):
+        "`out` is, or can be made, a folder we can write, and holds no earlier comparison unless `overwrite`"
+        out = self.out
+        if out.exists() and not out.is_dir(): raise CompareError(f"--out {out} is a file, not a folder")
+        where = next(p for p in (out, *out.parents) if p.exists())  # the folder that `out` is, or will be created in
+        if not where.is_dir(): raise CompareError(f"--out {out} cannot be created: {where} is a file, not a folder")
+        try: tempfile.TemporaryFile(dir=where).close()
+        except OSError as e: raise CompareError(f"--out {out} is not writable: no file can be created in {where} ({e.strerror})") from None
+        old = [f for f in OUTPUTS if (out/f).exists()]
+        if old and not self.overwrite:
+            raise CompareError(f"--out {out} already holds {', '.join(old)} from an earlier comparison; choose another "
+                               f"--out, or pass --overwrite to replace them")
+
+    def _pets_path(self)->Path:
+        "`path`, or the downloaded dataset, or a message that says plainly why there is none"
+        if self.path is not None: return self.path
+        try: return untar_data(URLs.PETS)
+        except OSError as e:   # offline: urllib's URLError is an OSError
+            raise CompareError(f"could not download the Oxford-IIIT Pets dataset from {URLs.PETS} ({e}); pass --path "
+                               f"with a local copy of its images (a clone of fastai_ls has a 370-photo sample in "
+                               f"tests/data/oxford-iiit-pet)") from None
+
+    def _check_sizes(self):
+        "Training and validation set sizes, and a batch size that leaves at least one training batch"
+        if self.dataset == 'digits': self.n_train, self.n_valid = self.train_size, DIGITS_VALID
         else:
-            try: path = untar_data(URLs.PETS)
-            except OSError as e:   # offline: urllib's URLError is an OSError
-                raise CompareError(f"could not download the Oxford-IIIT Pets dataset from {URLs.PETS} ({e}); pass --path "
-                                   f"with a local copy of its images (a clone of fastai_ls has a 370-photo sample in "
-                                   f"tests/data/oxford-iiit-pet)") from None
-        self.files = pet_files(path)
-        if self.pretrained and (why := pretrained_available(ARCHS[self.arch])):
-            msg = f"the ImageNet weights of {self.arch} could not be loaded ({why})"
-            if not self.scratch_fallback:
-                raise CompareError(f"{msg}. Connect to the internet once (torchvision caches them in "
-                                   f"~/.cache/torch/hub/checkpoints), or pass --no-pretrained or --scratch-fallback "
-                                   f"to train from random weights")
-            warnings.warn(f"{msg}; training from random weights instead, as --scratch-fallback asks")
-            self.pretrained = False
+            self.n_valid = int(PETS_VALID_PCT*len(self.files))  # as fastai's `RandomSplitter` cuts
+            self.n_train = len(self.files) - self.n_valid
+            if not self.n_valid: raise CompareError(f"--path {self.files[0].parent} has only {len(self.files)} images: the "
+                                                    f"{PETS_VALID_PCT:.0%} validation set would be empty")
+        # the training `DataLoader` drops its last incomplete batch: with fewer images than one batch nothing would train
+        if self.bs is None: self.bs = min(32 if self.dataset == 'digits' else 64, self.n_train)
+        elif self.bs > self.n_train:
+            raise CompareError(f"--bs {self.bs} is larger than the {self.n_train} training images, so no training step "
+                               f"would run (fastai drops the last incomplete batch); pass --bs {self.n_train} or less")
+
+    def _check_weights(self):
+        "Make sure the pretrained weights are there, or say plainly that they are not"
+        if not (why := pretrained_available(ARCHS[self.arch])): return
+        msg = f"the ImageNet weights of {self.arch} could not be loaded ({why})"
+        if not self.scratch_fallback:
+            raise CompareError(f"{msg}. Connect to the internet once (torchvision caches them in "
+                               f"~/.cache/torch/hub/checkpoints), or pass --no-pretrained or --scratch-fallback "
+                               f"to train from random weights")
+        warnings.warn(f"{msg}; training from random weights instead, as --scratch-fallback asks")
+        self.pretrained = False
 
     def dls(self)->DataLoaders:
         "The `DataLoaders` of the dataset (seed first: batch order and augmentations depend on it)"
@@ -277,16 +328,14 @@ class Comparison:
 
     def fit(self, learn:Learner):
         "`fine_tune` a pretrained model, `fit_one_cycle` one from scratch"
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='Your generator is empty')  # a last partial batch on tiny data
-            if self.dataset == 'pets' and self.pretrained: learn.fine_tune(self.epochs, self.lr)
-            else: learn.fit_one_cycle(self.epochs, self.lr)
+        if self.dataset == 'pets' and self.pretrained: learn.fine_tune(self.epochs, self.lr)
+        else: learn.fit_one_cycle(self.epochs, self.lr)
 
 # %% ../nbs/03_compare.ipynb #1aab952e
 @patch
 def run(self:Comparison)->pd.DataFrame:
     "Train every (seed, strategy), appending each result to `out/results.csv`; then plot and print the table"
-    self.out.mkdir(parents=True, exist_ok=True)
+    self._check_out()  # again: `out` may have filled since the checks, e.g. by an earlier `run`
     self.rows, self.preds, self.eps_logs, self._ce = [], {}, {}, None
     runs = [(seed, st) for seed in range(self.seeds) for st in self.strategies]
     # set_seed(reproducible=True) switches cuDNN to deterministic kernels; the caller's settings come back afterwards
@@ -297,8 +346,10 @@ def run(self:Comparison)->pd.DataFrame:
             print(f"[{i+1}/{len(runs)}] {self.dataset}: {st}, seed {seed}", flush=True)
             self._append(self._run_one(seed, st))
     except KeyboardInterrupt:
-        print(f"\nInterrupted: {len(self.rows)} of {len(runs)} runs finished; their results are in {self.out}", file=sys.stderr)
-        if self.rows: self._report()
+        if not self.rows: print(f"\nInterrupted before the first run finished; nothing was written to {self.out}", file=sys.stderr)
+        else:
+            print(f"\nInterrupted: {len(self.rows)} of {len(runs)} runs finished; their results are in {self.out}", file=sys.stderr)
+            self._report()
         raise
     finally:
         torch.set_num_threads(threads)
@@ -307,28 +358,51 @@ def run(self:Comparison)->pd.DataFrame:
 
 @patch
 def _run_one(self:Comparison, seed, strategy)->dict:
-    "Train (or, for `ce+temp`, reuse the `ce` model of this seed) and evaluate one run"
-    if strategy == 'ce+temp' and self._ce is not None and self._ce[0] == seed: learn = self._ce[1]
-    else:
-        set_seed(seed, reproducible=True)
-        learn = self.learner(strategy)
-        self.fit(learn)
-        if strategy == 'ce': self._ce = (seed, learn)
-    T = learn.temperature_scale() if strategy == 'ce+temp' else float('nan')
-    res, logits, targs = evaluate(learn)
-    self.preds.setdefault(strategy, []).append((logits, targs))
-    log = first(learn.cbs, risinstance(_RunLog))
-    self.eps_logs.setdefault(strategy, log.eps)
-    return dict(dataset=self.dataset, strategy=strategy, seed=seed, **res, temperature=T, eps=self.eps,
-                schedule=self.schedule if strategy == 'anneal' else '', epochs_run=log.n_epochs, train_s=round(log.secs, 2),
-                epoch_s=round(log.secs/max(log.n_epochs, 1), 3), n_train=len(learn.dls.train_ds),
-                n_valid=len(learn.dls.valid_ds), model='cnn' if self.dataset == 'digits' else self.arch,
-                pretrained=self.dataset == 'pets' and self.pretrained, device=str(self.device), fp16=self.fp16)
+    "Train (or, for `ce+temp`, reuse the `ce` model of this seed) and evaluate one run; a failure is recorded, not raised"
+    nan = float('nan')
+    row = dict(dataset=self.dataset, strategy=strategy, seed=seed, **dict.fromkeys(METRICS, nan), temperature=nan,
+               eps=self.eps, schedule=self.schedule if strategy == 'anneal' else '', lr=self.lr, bs=self.bs, epochs_run=0,
+               iters=0, train_s=nan, epoch_s=nan, n_train=self.n_train, n_valid=self.n_valid,
+               model='cnn' if self.dataset == 'digits' else self.arch, pretrained=self.dataset == 'pets' and self.pretrained,
+               device=str(self.device), fp16=self.fp16, status='ok', error='')
+    learn = None
+    if strategy == 'ce+temp' and self._ce is not None and self._ce[0] == seed:
+        learn, why = self._ce[1:]
+        if why: row.update(status='failed', error=f"the ce model of this seed, which ce+temp reuses, failed ({why})")
+    if row['status'] == 'ok':
+        try:
+            if learn is None:
+                set_seed(seed, reproducible=True)
+                learn = self.learner(strategy)
+                self.fit(learn)
+            res, logits, targs = evaluate(learn)
+            if strategy == 'ce+temp':
+                row['temperature'] = T = fit_temperature(logits, targs)
+                learn.add_cb(TemperatureScaling(T))
+                res, logits, targs = evaluate(learn)
+            row.update(res)
+            self.preds.setdefault(strategy, []).append((logits, targs))
+        except Exception as e:  # one diverged or crashed run must not take the others with it
+            row.update(status='failed', error=f"{type(e).__name__}: {e}")
+            if not isinstance(e, FloatingPointError): traceback.print_exc()  # a crash, not a divergence: show where
+    if row['status'] != 'ok': print(f"{strategy}, seed {seed} failed: {row['error']}", file=sys.stderr, flush=True)
+    if strategy == 'ce': self._ce = (seed, learn if row['status'] == 'ok' else None, row['error'])
+    if learn is not None and (log := first(learn.cbs, risinstance(_RunLog))):
+        row.update(epochs_run=log.n_epochs, iters=len(log.eps), train_s=round(log.secs, 2),
+                   epoch_s=round(log.secs/max(log.n_epochs, 1), 3))
+        if row['status'] == 'ok': self.eps_logs.setdefault(strategy, log.eps)
+    return row
 
 @patch
 def _append(self:Comparison, row:dict):
-    "Add `row` to `results.csv` (a new file, with header, for the first row) and flush it to disk"
-    with open(self.out/'results.csv', 'w' if not self.rows else 'a', newline='') as f:
+    "Add `row` to `results.csv` and flush it to disk; the first row creates `out` (and, with `overwrite`, clears it)"
+    if not self.rows:
+        self.out.mkdir(parents=True, exist_ok=True)
+        # only now that a new result is ready: a comparison stopped before this leaves the earlier one as it was, and
+        # none of its files (an old summary, old plots) can end up beside the new CSV
+        if self.overwrite:
+            for f in OUTPUTS: (self.out/f).unlink(missing_ok=True)
+    with open(self.out/'results.csv', 'a' if self.rows else 'x', newline='') as f:  # 'x': never replace a file
         w = csv.DictWriter(f, fieldnames=list(row))
         if not self.rows: w.writeheader()
         w.writerow(row)
@@ -339,23 +413,31 @@ def _report(self:Comparison)->pd.DataFrame:
     "Write the plots and `summary.md` of the finished runs, print the table, return the runs"
     df = pd.DataFrame(self.rows)
     n = df.seed.nunique()
-    pooled = {k: (torch.cat([l for l, _ in v]), torch.cat([t for _, t in v])) for k, v in self.preds.items()}
-    fig = reliability_diagram(pooled, from_logits=True, title=f"{self.dataset}, validation set, {n} seed(s) pooled")
-    fig.savefig(self.out/'reliability.png', dpi=110)
-    fig = Figure(figsize=(6, 3.5), layout='constrained')
-    ax = fig.subplots()
-    for i, (k, e) in enumerate(self.eps_logs.items()): ax.plot(e, label=k, ls='--' if k == 'ce+temp' else '-', lw=2)
-    ax.set(xlabel='training iteration', ylabel='ε', title=f"ε per training batch ({self.dataset}, seed 0)")
-    ax.legend(); fig.savefig(self.out/'eps_schedule.png', dpi=110)
-    setting = (f"{self.dataset}: " + (f"small CNN, {self.train_size} training images" if self.dataset == 'digits' else
+    if self.preds:  # only successful runs have predictions
+        pooled = {k: (torch.cat([l for l, _ in v]), torch.cat([t for _, t in v])) for k, v in self.preds.items()}
+        fig = reliability_diagram(pooled, from_logits=True, title=f"{self.dataset}, validation set, {n} seed(s) pooled")
+        fig.savefig(self.out/'reliability.png', dpi=110)
+        fig = Figure(figsize=(6, 3.5), layout='constrained')
+        ax = fig.subplots()
+        for i, (k, e) in enumerate(self.eps_logs.items()): ax.plot(e, label=k, ls='--' if k == 'ce+temp' else '-', lw=2)
+        ax.set(xlabel='training iteration', ylabel='ε', title=f"ε per training batch ({self.dataset}, first seed)")
+        ax.legend(); fig.savefig(self.out/'eps_schedule.png', dpi=110)
+    epoch_s = df.epoch_s.mean()  # runs that trained and then failed took their time too
+    setting = (f"{self.dataset}: " + (f"small CNN, {self.n_train} training images" if self.dataset == 'digits' else
                f"{self.arch} ({'pretrained, fine_tune' if self.pretrained else 'from scratch, fit_one_cycle'}), "
-               f"size {self.size}, {df.n_train.iloc[0]} training images") +
-               f", {df.n_valid.iloc[0]} validation images; {self.epochs} epochs, lr {self.lr:g}, bs {self.bs}, "
-               f"eps {self.eps}, anneal schedule {self.schedule!r}; mean ± std over {n} seed(s); "
-               f"{df.epoch_s.mean():.2f} s per epoch on {self.device}{' (fp16)' if self.fp16 else ''}")
+               f"size {self.size}, {self.n_train} training images") +
+               f", {self.n_valid} validation images; {self.epochs} epochs, lr {self.lr:g}, bs {self.bs}, "
+               f"eps {self.eps}, anneal schedule {self.schedule!r}; mean ± std over {n} seed(s)" +
+               ('' if pd.isna(epoch_s) else f"; {epoch_s:.2f} s per epoch on {self.device}{' (fp16)' if self.fp16 else ''}"))
     table = format_table(df)
+    failed = df[df.status != 'ok']
+    if len(failed):
+        table += (f"\n\n**{len(failed)} of {len(df)} runs failed**, left out of the table and the plots (in results.csv: "
+                  f"status 'failed', NaN metrics, the reason in `error`):\n\n" +
+                  '\n'.join(f"- {r.strategy}, seed {r.seed}: {r.error}" for r in failed.itertuples()))
     (self.out/'summary.md').write_text(f"{setting}\n\n{table}\n")
-    print(f"\n{setting}\n\n{table}\n\nResults, plots and summary in {self.out}/", flush=True)
+    saved = 'Results, plots and summary' if self.preds else 'Results and summary (no plots: no run succeeded)'
+    print(f"\n{setting}\n\n{table}\n\n{saved} in {self.out}/", flush=True)
     return df
 
 # %% ../nbs/03_compare.ipynb #fd8839f2
@@ -377,6 +459,9 @@ def _parser()->argparse.ArgumentParser:
         description="Train the same model with plain cross-entropy (ce), fixed label smoothing (ls), annealed label "
                     "smoothing (anneal) and optionally CE plus temperature scaling (ce+temp), over several seeds; print "
                     "error rate, NLL, ECE and Brier score as mean ± std, and write a CSV and plots to --out.",
+        epilog="Earlier results are never replaced without --overwrite. A run that fails (a diverged model, an error) is "
+               "recorded as failed and the others go on. Exit status: 0 when every run succeeded, 1 if any failed, 2 for a bad "
+               "argument (nothing trained), 130 on Ctrl-C (the finished runs are saved).",
         formatter_class=_HelpFormatter)
     a = c.add_argument
     a('--dataset', default='digits', help=f"one of {', '.join(DATASETS)}")
@@ -386,7 +471,8 @@ def _parser()->argparse.ArgumentParser:
     a('--schedule', default='cos', help=f"ε schedule of anneal: {', '.join(EPS_SCHEDULES)}")
     a('--epochs', type=int, help="training epochs (default: 40 for digits, 4 for pets)")
     a('--lr', type=float, help="maximum learning rate (default: 1e-2; 2e-3 for pretrained pets)")
-    a('--bs', type=int, help="batch size (default: 32 for digits, 64 for pets)")
+    a('--bs', type=int, help="batch size, at most the number of training images (default: 32 for digits, 64 for pets, "
+                             "or the number of training images if smaller)")
     a('--train-size', type=int, default=200, help="digits: number of training images (at most 1297)")
     a('--path', help="pets: folder of <breed>_<n>.jpg images or the dataset root (default: untar_data(URLs.PETS))")
     a('--arch', default='resnet34', help=f"pets: one of {', '.join(ARCHS)}")
@@ -397,7 +483,10 @@ def _parser()->argparse.ArgumentParser:
     a('--fp16', action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
     a('--device', help="cpu, cuda, cuda:1, ... (default: fastai's default device)")
     a('--threads', type=int, help="CPU threads for torch (default: 1 for digits on CPU, else torch's default)")
-    a('--out', default='fastai_ls_results', help="folder for results.csv, summary.md and the plots")
+    a('--out', default='fastai_ls_results', help="folder for results.csv, summary.md and the plots; refused if it "
+                                                 "already holds any of them, unless --overwrite")
+    a('--overwrite', action='store_true', help="replace the files of an earlier comparison in --out; they are removed "
+                                               "only once the first new run has finished")
     a('--quiet', action='store_true', help="no progress bars or epoch tables")
     c.set_defaults(sub=c)
     return p
@@ -409,10 +498,10 @@ def main(
     args = vars(_parser().parse_args(argv))
     sub, show_progress = args.pop('sub'), not args.pop('quiet')
     del args['command']
-    try: cmp = Comparison(**args, show_progress=show_progress)
+    try: df = Comparison(**args, show_progress=show_progress).run()
     except CompareError as e: sub.error(str(e))
-    try: cmp.run()
     except KeyboardInterrupt: sys.exit(130)
+    if (df.status != 'ok').any(): sys.exit(1)
 
 def _module_main():
     "`python -m fastai_ls.compare [compare] ...`"

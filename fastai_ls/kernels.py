@@ -24,51 +24,50 @@ def _block(k): return min(max(triton.next_power_of_2(k), 16), 4096)
 # %% ../nbs/05_kernels.ipynb #77362401
 if triton is not None:
     @triton.jit
-    def _loss_kernel(X, T, W, LOSS, LSE, R, WSUM, K, stride, ignore_index, a, b, ent_y, ent_o,
+    def _loss_kernel(X, T, W, LOSS, M, LS, R, WSUM, K, stride, ignore_index, a, b, ent_y, ent_o,
                      HAS_W: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         xp = X + row * stride
         m = tl.full((), float('-inf'), tl.float32)
-        s = tl.zeros((), tl.float32)
-        xs = tl.zeros((), tl.float32)
+        ref = tl.zeros((), tl.float32)   # the running max, or 0 while every logit so far is -inf (no -inf - -inf)
+        s = tl.zeros((), tl.float32)     # sum_k exp(x_k - ref)
+        xs = tl.zeros((), tl.float32)    # sum_k w_k (x_k - ref): relative to the max, so shifted logits keep their precision
         ws = tl.zeros((), tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K
             x = tl.load(xp + offs, mask=mask, other=float('-inf')).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))   # online log-sum-exp: rescale the running sum to the new max
-            m_ref = tl.where(m_new == float('-inf'), 0., m_new)   # a block of -inf logits must not give -inf - -inf
-            s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
-            m = m_new
-            x0 = tl.where(mask, x, 0.)
-            if HAS_W:
-                w = tl.load(W + offs, mask=mask, other=0.).to(tl.float32)
-                x0 = x0 * w
-                ws += tl.sum(w, 0)
-            xs += tl.sum(x0, 0)
-        if not HAS_W: ws = K.to(tl.float32)
-        lse = m + tl.log(s)
+            w = tl.load(W + offs, mask=mask, other=0.).to(tl.float32) if HAS_W else mask.to(tl.float32)
+            m = tl.maximum(m, tl.max(x, 0))
+            new_ref = tl.where(m == float('-inf'), 0., m)
+            # online: move the running sums to the new reference, then add the block
+            s = s * tl.exp(ref - new_ref) + tl.sum(tl.exp(x - new_ref), 0)
+            xs = xs + ws * (ref - new_ref) + tl.sum(tl.where(mask, w * (x - new_ref), 0.), 0)
+            ws += tl.sum(w, 0)
+            ref = new_ref
+        ls = tl.log(s)   # lse - ref
         t = tl.load(T + row)
         v = (t != ignore_index).to(tl.float32)
         t = tl.where(t == ignore_index, 0, t)
         r = v * tl.load(W + t).to(tl.float32) if HAS_W else v
-        xy = tl.load(xp + t).to(tl.float32)
+        xy = tl.load(xp + t).to(tl.float32) - ref
         # ent_y, ent_o: q log q of the target's true and other classes; both 0 unless variant='kl'
         scale = a * r + b * ws * v
         # where, not products: 0 * -inf (eps = 0 with -inf logits, ignored rows) must give 0, not NaN
-        loss = tl.where(scale > 0, scale * lse, 0.) - tl.where(a * r != 0, a * r * xy, 0.) - tl.where(b * v > 0, b * v * xs, 0.) \
+        loss = tl.where(scale != 0, scale * ls, 0.) - tl.where(a * r != 0, a * r * xy, 0.) - tl.where(b * v != 0, b * v * xs, 0.) \
                + r * ent_y + (ws * v - r) * ent_o
         tl.store(LOSS + row, loss)
-        tl.store(LSE + row, lse)
+        tl.store(M + row, ref)
+        tl.store(LS + row, ls)
         tl.store(R + row, r)
         if row == 0: tl.store(WSUM, ws)
 
     @triton.jit
-    def _grad_kernel(X, G, T, W, LSE, WSUM, GO, go_stride, K, stride, gstride, ignore_index, a, b,
+    def _grad_kernel(X, G, T, W, M, LS, WSUM, GO, go_stride, K, stride, gstride, ignore_index, a, b,
                      HAS_W: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         xp, gp = X + row * stride, G + row * gstride
-        lse, go, ws = tl.load(LSE + row), tl.load(GO + row * go_stride), tl.load(WSUM)
+        ref, ls, go, ws = tl.load(M + row), tl.load(LS + row), tl.load(GO + row * go_stride), tl.load(WSUM)
         t = tl.load(T + row)
         v = (t != ignore_index).to(tl.float32)
         t = tl.where(t == ignore_index, 0, t)
@@ -79,7 +78,7 @@ if triton is not None:
             mask = offs < K
             x = tl.load(xp + offs, mask=mask, other=0.).to(tl.float32)
             bw = beta * tl.load(W + offs, mask=mask, other=0.).to(tl.float32) if HAS_W else beta
-            g = tl.exp(x - lse) * alpha - bw - tl.where(offs == t, gamma, 0.)
+            g = tl.exp((x - ref) - ls) * alpha - bw - tl.where(offs == t, gamma, 0.)
             tl.store(gp + offs, g.to(G.dtype.element_ty), mask=mask)
 
 # %% ../nbs/05_kernels.ipynb #765d78d1
@@ -87,28 +86,28 @@ def _xlogx(p): return p * math.log(p) if p > 0 else 0.
 
 def loss_rows(
     x, # Logits (N, C), classes contiguous
-    target, # Class indices (N,), contiguous
+    target, # Class indices (N,), int64, contiguous
     weight, # Per-class weights (C,) in float32, or None
     ignore_index:int, # Target value of ignored rows
     a:float, # Coefficient of the target logit in the smoothed target
     b:float, # Coefficient of every logit
     kl:bool, # Subtract the target's entropy (variant 'kl')
-): # float32 `(loss, lse, r, wsum)`: per-row loss, log-sum-exp and target weight (0 if ignored), and the weight total
+): # float32 `(loss, m, ls, r, wsum)`: per-row loss, max logit, lse - max, target weight (0 if ignored); the weight total
     "Per-row smoothed cross-entropy `(a*r + b*W*v)*lse - a*r*x_y - b*v*sum_k w_k x_k`, one read of each row"
     n, k = x.shape
-    loss, lse, r = (torch.empty(n, device=x.device, dtype=torch.float32) for _ in range(3))
+    loss, m, ls, r = (torch.empty(n, device=x.device, dtype=torch.float32) for _ in range(4))
     wsum = torch.full((1,), float(k), device=x.device, dtype=torch.float32)
-    if n: _loss_kernel[(n,)](x, target, x if weight is None else weight, loss, lse, r, wsum, k, x.stride(0), ignore_index,
+    if n: _loss_kernel[(n,)](x, target, x if weight is None else weight, loss, m, ls, r, wsum, k, x.stride(0), ignore_index,
                              a, b, _xlogx(a + b) if kl else 0., _xlogx(b) if kl else 0.,
                              HAS_W=weight is not None, BLOCK=_block(k))
-    return loss, lse, r, wsum
+    return loss, m, ls, r, wsum
 
 def loss_grad(
     x, # Logits (N, C), classes contiguous
-    target, # Class indices (N,), contiguous
+    target, # Class indices (N,), int64, contiguous
     weight, # Per-class weights (C,) in float32, or None
     ignore_index:int, # Target value of ignored rows
-    lse, wsum, # From `loss_rows`
+    m, ls, wsum, # From `loss_rows`
     grad_rows, # float32 gradient of the loss per row: shape (N,) (any stride), or (1,) for the same value on every row
     a:float, b:float, # As in `loss_rows`
 ): # The gradient, in `x`'s dtype
@@ -116,7 +115,7 @@ def loss_grad(
     n, k = x.shape
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     # autograd hands 'sum'/'mean' gradients of a 'none' loss over as an expanded (stride 0) tensor: honour its stride
-    if n: _grad_kernel[(n,)](x, grad, target, x if weight is None else weight, lse, wsum, grad_rows,
+    if n: _grad_kernel[(n,)](x, grad, target, x if weight is None else weight, m, ls, wsum, grad_rows,
                              0 if grad_rows.numel() == 1 else grad_rows.stride(0), k, x.stride(0), grad.stride(0), ignore_index, a, b,
                              HAS_W=weight is not None, BLOCK=_block(k))
     return grad

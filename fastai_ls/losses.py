@@ -6,7 +6,8 @@ Docs: https://fastai-ls.github.io/fastai_ls/losses.html.md"""
 
 # %% ../nbs/00_losses.ipynb #5da348fc
 from __future__ import annotations
-import math
+import math, numbers
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
@@ -26,31 +27,45 @@ def _check_choice(name, value, choices):
     if value not in choices: raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 def _check_eps(eps) -> float:
-    "`eps` as a float, checked to lie in [0, 1)"
+    "`eps` as a float, checked to lie in [0, 1): a real number, or a tensor or NumPy array holding one"
+    if isinstance(eps, np.ndarray) and eps.dtype.kind in 'iuf': eps = torch.from_numpy(eps)
     if isinstance(eps, Tensor):
-        if eps.numel() != 1: raise ValueError(f"eps must be a float or a 0-dim tensor; got a tensor of shape {tuple(eps.shape)}")
+        if eps.numel() != 1 or eps.dtype == torch.bool or eps.is_complex():
+            raise ValueError(f"eps must be a float or a tensor with one real element; got a tensor of shape "
+                             f"{tuple(eps.shape)} and dtype {eps.dtype}")
         eps = eps.item()
+    # bool is a number to Python, and float() would read a string: neither is a smoothing
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number in [0, 1); got {eps!r} of type {type(eps).__name__}")
     eps = float(eps)
     if not 0 <= eps < 1: raise ValueError(f"eps={eps} is outside [0, 1): label smoothing needs 0 <= eps < 1")
     return eps
 
-def _check_weight(weight, n_classes, check_values=True):
+def _check_weight(weight, n_classes:int|None=None, check_values=True):
+    "A weight is 1-D with one entry per class (`n_classes`, when the logits are known), finite and non-negative"
     if weight is None: return
-    if weight.dim() != 1 or weight.numel() != n_classes:
-        raise ValueError(f"weight must be a 1-D tensor with one entry per class (C={n_classes}); got shape {tuple(weight.shape)}")
-    if check_values and bool((weight < 0).any()):
-        raise ValueError(f"weight must be non-negative; got {weight[weight < 0][0].item()} at class {int((weight < 0).nonzero()[0])}")
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != (n_classes or weight.numel()):
+        raise ValueError(f"weight must be a 1-D tensor with one entry per class{f' (C={n_classes})' if n_classes else ''}; "
+                         f"got {f'shape {tuple(weight.shape)}' if isinstance(weight, Tensor) else type(weight).__name__}")
+    if check_values:
+        bad = ~((weight >= 0) & (weight < math.inf))   # NaN fails both comparisons
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise ValueError(f"weight must be finite and non-negative; got {weight[k].item()} at class {k}")
 
 # %% ../nbs/00_losses.ipynb #5bec1096
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
-def _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight=True):
-    "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly"
+def _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight=True) -> Tensor:
+    "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly; return class indices as int64"
     _check_choice('reduction', reduction, _reductions)
     _check_choice('variant', variant, _variants)
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits; got {getattr(input, 'dtype', type(input))}")
+    if not isinstance(target, Tensor): raise TypeError(f"target must be a tensor; got {type(target).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer; got {ignore_index!r}")
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dims (N, C, d1, ...) with classes on dim 1; got shape {tuple(input.shape)}")
     n_classes = input.shape[1]
@@ -59,13 +74,18 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant, check
         if target.shape != input.shape:
             raise ValueError(f"float targets are class probabilities and must have the input's shape {tuple(input.shape)}; "
                              f"got {tuple(target.shape)}. Class-index targets must be an integer tensor.")
+        if ignore_index >= 0:
+            raise ValueError(f"ignore_index={ignore_index} does not apply to probability targets (torch refuses it too); "
+                             f"pass class indices, or leave ignore_index at its default")
     else:
         if target.dtype == torch.bool or target.is_complex():
             raise TypeError(f"class-index targets must be an integer tensor; got {target.dtype}")
         expected = (input.shape[0],) + tuple(input.shape[2:])
         if tuple(target.shape) != expected:
             raise ValueError(f"class-index target must have shape {expected} for input of shape {tuple(input.shape)}; got {tuple(target.shape)}")
-        if not _is_compiling() and target.numel():
+        # int64 before any comparison: as uint8, ignore_index=-100 would wrap to class 156
+        target = target.long()
+        if not (_is_compiling() or _functorch_wrapped(target)) and target.numel():
             # one reduction and one sync in the common case, whatever the ignore_index
             lo, hi = torch.stack(torch.aminmax(torch.where(target == ignore_index, 0, target))).tolist()
             if lo < 0 or hi >= n_classes:
@@ -74,6 +94,21 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant, check
                     raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes}) for "
                                      f"C={n_classes} classes (and not ignore_index={ignore_index})")
     _check_weight(weight, n_classes, check_values=check_weight and not _is_compiling())
+    return target
+
+def _functorch_wrapped(t:Tensor) -> bool:
+    "Whether `t` is batched or tracked by a `torch.func` transform: its values cannot be read on the host"
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+def _eps_arg(eps) -> Tensor:
+    "ε, checked, as a float64 CPU scalar; a tensor ε that requires grad, or one traced by `torch.compile`, stays itself"
+    if not (isinstance(eps, Tensor) and (eps.requires_grad or _is_compiling())):
+        return torch.tensor(_check_eps(eps), dtype=torch.float64)
+    if eps.numel() != 1: _check_eps(eps)   # the error for a wrong shape
+    if _is_compiling():   # a host-side check would break the graph: the check goes into it instead
+        torch._assert_async(((eps >= 0) & (eps < 1)).cpu().reshape(()), "eps is outside [0, 1): label smoothing needs 0 <= eps < 1")
+    else: _check_eps(eps)
+    return eps.reshape(())
 
 # %% ../nbs/00_losses.ipynb #8118963b
 _MAX_BLOCK = 1 << 20   # elements: 4 MB of float32, a block stays in cache while it is worked on
@@ -158,42 +193,49 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
         k = xb.shape[1]
         a, b = _coefs(eps.to(ct), k, variant)
         soft, w = target.is_floating_point(), (None if weight is None else weight.to(x.device, ct))
-        lse = torch.empty(xb.shape[:1] + xb.shape[2:], device=x.device, dtype=ct)
-        lin = torch.empty_like(lse)    # the terms that are linear in x (and, for 'kl', the target entropy)
+        # every term is taken relative to the position's largest logit m: the m's cancel (the coefficients of lse and
+        # of the logits sum to the same), so shifted logits (x + 1e7) lose no precision to lse - x_y
+        lse = torch.empty(xb.shape[:1] + xb.shape[2:], device=x.device, dtype=ct)   # lse - m
+        lin = torch.empty_like(lse)    # the terms that are linear in x - m (and, for 'kl', the target entropy)
         if soft: scale = torch.empty_like(lse)   # sum_k c_k, the coefficient of lse
         else:
             safe, v, r, W = _hard_terms(tb, w, ignore_index, k, ct)
             scale = a * r + b * W * v
         for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, x.dtype != ct):
             xc = xb[xi].to(ct)   # a copy only for half blocks: torch's softmax is far slower on them
-            # torch's fused softmax has the fastest exp; its largest value is exp(max - lse), from which lse follows
+            m = xc.amax(1, keepdim=True)
+            # torch's fused softmax has the fastest exp; its largest value is exp(m - lse), from which lse - m follows
             # to full precision, since it lies in [1/C, 1]
-            lse[pi] = xc.amax(1) - torch.softmax(xc, 1).amax(1).log()
+            sm = torch.softmax(xc, 1)
+            lse[pi] = sm.amax(1).log_().neg_()
+            xm = torch.sub(xc, m, out=sm)   # x - m, in the softmax's buffer
             if soft:
                 q, c = _soft_coefs(tb[xi].to(ct), a, b, w, xb.dim())
-                lin[pi] = (c * xc).sum(1)
+                lin[pi] = xm.mul_(c).sum(1)
                 scale[pi] = c.sum(1)
                 if variant == 'kl': lin[pi] -= torch.xlogy(c, q).sum(1)
             else:
-                xsum = xc.sum(1, dtype=ct) if w is None else (xc * _cls_view(w, xb.dim())).sum(1)
+                xsum = (xm if w is None else xm.mul_(_cls_view(w, xb.dim()))).sum(1)
                 # where, not products: a -inf logit whose coefficient is 0 (eps = 0; 'others' at eps = (K-1)/K; an
                 # ignored row) must not turn 0 * -inf into NaN
-                xy = xc.gather(1, safe[pi].unsqueeze(1)).squeeze(1).to(ct)
+                xy = xc.gather(1, safe[pi].unsqueeze(1)).squeeze(1) - m.squeeze(1)
                 ar, bv = a * r[pi], b * v[pi]
-                lin[pi] = torch.where(ar != 0, ar * xy, 0.) + torch.where(bv > 0, bv * xsum, 0.)
+                lin[pi] = torch.where(ar != 0, ar * xy, 0.) + torch.where(bv != 0, bv * xsum, 0.)
         if not soft and variant == 'kl':   # subtract the (weighted) target entropy: sum_k c_k log q_k
             lin -= r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
-        # ignored positions are exactly 0, even where their logits are not finite
-        loss = (torch.where(scale > 0, scale * lse, 0.) - lin).view(x.shape[:1] + x.shape[2:])
+        # ignored positions are exactly 0, even where their logits are not finite; probability rows may sum to
+        # anything (torch takes log-probabilities and negative targets as they are), so the test is != 0
+        loss = (torch.where(scale != 0, scale * lse, 0.) - lin).view(x.shape[:1] + x.shape[2:])
         denom = (loss.new_tensor(float(loss.numel())) if soft else r.sum()) if reduction == 'mean' else None
         ctx.save_for_backward(x, target, w, a, b, denom)   # backward recomputes the softmax: no N x C state
         ctx.meta = ignore_index, reduction
+        _keep_spec(ctx, eps, weight, ignore_index, reduction, variant)
         return _reduce(loss, reduction, denom)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, target, w, a, b, denom = ctx.saved_tensors
+        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 6
         ignore_index, reduction = ctx.meta
         ct = a.dtype
         xb, tb = _as_blocks(x, target)
@@ -228,19 +270,20 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
     def forward(ctx, x, target, eps, weight, ignore_index, reduction, variant):
         a, b = _coefs(eps.item(), x.shape[1], variant)
         w = None if weight is None else weight.to(x.device, torch.float32).contiguous()
-        loss, lse, r, wsum = kernels.loss_rows(x, target, w, ignore_index, a, b, kl=variant == 'kl')
+        loss, m, ls, r, wsum = kernels.loss_rows(x, target, w, ignore_index, a, b, kl=variant == 'kl')
         denom = r.sum() if reduction == 'mean' else None
-        ctx.save_for_backward(x, target, w, lse, wsum, denom)
+        ctx.save_for_backward(x, target, w, m, ls, wsum, denom)
         ctx.meta = ignore_index, reduction, a, b
+        _keep_spec(ctx, eps, weight, ignore_index, reduction, variant)
         return _reduce(loss, reduction, denom)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, target, w, lse, wsum, denom = ctx.saved_tensors
+        x, target, w, m, ls, wsum, denom = ctx.saved_tensors
+        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 6
         ignore_index, reduction, a, b = ctx.meta
         g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
-        return kernels.loss_grad(x, target, w, ignore_index, lse, wsum, g, a, b), None, None, None, None, None, None
+        return kernels.loss_grad(x, target, w, ignore_index, m, ls, wsum, g, a, b), None, None, None, None, None, None
 
 # %% ../nbs/00_losses.ipynb #63160e28
 def _small_rows(x, target, weight):
@@ -258,7 +301,7 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
         xc, k = x.to(ct), x.shape[1]
         a, b = _coefs(eps.item(), k, variant)
         keep = target != ignore_index
-        safe = torch.where(keep, target, 0).long()   # gather/scatter take int64 indices; targets may be uint8...
+        safe = torch.where(keep, target, 0)
         logp = torch.log_softmax(xc, 1)   # at this size a logits-sized temporary costs nothing, and one fused op is fastest
         logp_y = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
         # -(a log p_y + b sum_k log p_k); a term whose coefficient is 0 is left out, so that a -inf logit
@@ -269,15 +312,16 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
         loss, v = torch.where(keep, per_row, 0.), keep.to(ct)
         # a count of 0 kept rows comes with a total of 0: clamping the count to 1 gives 0 rather than NaN
         denom = v.sum().clamp_min(1) if reduction == 'mean' else None
-        ctx.save_for_backward(x, safe, v, denom)
+        ctx.save_for_backward(x, target, safe, v, denom)
         ctx.meta = reduction, a, b
+        _keep_spec(ctx, eps, None, ignore_index, reduction, variant)
         if reduction == 'none': return loss
         return loss.sum() if reduction == 'sum' else loss.sum() / denom
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, safe, v, denom = ctx.saved_tensors
+        x, target, safe, v, denom = ctx.saved_tensors
+        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 5
         reduction, a, b = ctx.meta
         g = grad_out.to(v.dtype)
         g = ((g / denom if reduction == 'mean' else g) * v).unsqueeze(1)
@@ -285,9 +329,54 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
         p.scatter_add_(1, safe.unsqueeze(1), g * -a)
         return p.to(x.dtype), None, None, None, None, None
 
+# %% ../nbs/00_losses.ipynb #198fd7b1
+def _differentiable_loss(x, target, eps:Tensor, weight, ignore_index, reduction, variant):
+    "The loss in ordinary differentiable torch ops, for the gradients the fused paths do not compute"
+    ct, k, nd = _compute_dtype(x), x.shape[1], x.dim()
+    logp = torch.log_softmax(x.to(ct), 1)
+    a, b = _coefs(eps.to(ct), k, variant)
+    w = None if weight is None else weight.to(x.device, ct)
+    if target.is_floating_point():
+        q, c = _soft_coefs(target.to(ct), a, b, w, nd)
+        loss = -(c * logp).sum(1)
+        if variant == 'kl': loss = loss + torch.xlogy(c, q).sum(1)
+        denom = loss.new_tensor(float(loss.numel()))
+    else:
+        safe, v, r, W = _hard_terms(target, w, ignore_index, k, ct)
+        logp_y = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        logp_sum = logp.sum(1) if w is None else (logp * _cls_view(w, nd)).sum(1)
+        ar, bv = a * r, b * v   # as in the fused paths: a zero coefficient never meets a -inf log-probability
+        loss = -(torch.where(ar != 0, ar * logp_y, 0.) + torch.where(bv != 0, bv * logp_sum, 0.))
+        if variant == 'kl': loss = loss + r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
+        denom = r.sum()
+    return _reduce(loss, reduction, denom)
+
+def _keep_spec(ctx, eps, weight, ignore_index, reduction, variant):
+    "What a double backward needs to rebuild the loss; ε is copied, since `AnnealSmoothing` changes it in place"
+    ctx.spec = eps.detach().clone(), weight, ignore_index, reduction, variant
+
+def _grad_with_graph(ctx, x, target, grad_out) -> Tensor:
+    "The input's gradient as a differentiable function of `x` and `grad_out` (backward with `create_graph=True`)"
+    with torch.enable_grad():
+        loss = _differentiable_loss(x, target, *ctx.spec)
+        return torch.autograd.grad(loss, x, grad_out, create_graph=True)[0]
+
 # %% ../nbs/00_losses.ipynb #692500a7
+def _needs_autograd(target, eps, weight) -> bool:
+    "Whether the loss must be built from `_differentiable_loss`: a `torch.func` transform, or a gradient wanted beyond the input's"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target, eps, weight)): return True
+    return not _is_compiling() and torch._C._are_functorch_transforms_active()
+
 def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant, check_weight=True):
-    _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight)
+    if isinstance(input, Tensor) and input.dim() == 1 and isinstance(target, Tensor):   # unbatched (C,), as torch allows
+        if target.shape != (input.shape if target.is_floating_point() else ()):
+            raise ValueError(f"with unbatched input of shape {tuple(input.shape)}, the target must be one class index "
+                             f"(shape ()) or a probability row of shape {tuple(input.shape)}; got shape {tuple(target.shape)}")
+        loss = _label_smoothing_ce(input[None], target[None], eps, weight, ignore_index, reduction, variant, check_weight)
+        return loss[0] if reduction == 'none' else loss
+    target = _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight)
+    if _needs_autograd(target, eps, weight):
+        return _differentiable_loss(input, target, eps, weight, ignore_index, reduction, variant)
     if _use_kernels(input, target):
         return _LabelSmoothingCEKernelFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
     if _small_rows(input, target, weight):
@@ -295,17 +384,16 @@ def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reducti
     return _LabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
 
 def label_smoothing_ce(
-    input:Tensor, # Logits of shape (N, C) or (N, C, d1, ...): classes on dim 1, like `F.cross_entropy`
+    input:Tensor, # Logits of shape (N, C) or (N, C, d1, ...): classes on dim 1, like `F.cross_entropy`; or unbatched (C,)
     target:Tensor, # Class indices of shape (N,) or (N, d1, ...), or class probabilities of the input's shape
-    eps:float|Tensor=0.1, # Smoothing in [0, 1): a float or a 0-dim tensor
-    weight:Tensor|None=None, # Per-class weights of shape (C,), as in `F.cross_entropy`
+    eps:float|Tensor=0.1, # Smoothing in [0, 1): a float, or a tensor or array with one element
+    weight:Tensor|None=None, # Per-class weights of shape (C,), finite and non-negative, as in `F.cross_entropy`
     ignore_index:int=-100, # Class-index target value that contributes nothing, not even to the 'mean' denominator
     reduction:str='mean', # 'none' | 'mean' | 'sum'
     variant:str='uniform', # 'uniform' (eps/K on every class) | 'others' (eps/(K-1) on the other classes) | 'kl' (uniform, minus the target entropy)
 ) -> Tensor: # float32 for half inputs, the input's dtype otherwise
     "Label-smoothing cross-entropy with `F.cross_entropy(..., label_smoothing=eps)` semantics, without materialising `log_softmax`"
-    if not isinstance(eps, Tensor) or not _is_compiling(): eps = torch.tensor(_check_eps(eps), dtype=torch.float64)
-    return _label_smoothing_ce(input, target, eps, weight, ignore_index, reduction, variant)
+    return _label_smoothing_ce(input, target, _eps_arg(eps), weight, ignore_index, reduction, variant)
 
 # %% ../nbs/00_losses.ipynb #176b8332
 class LabelSmoothingCE(nn.Module):
@@ -321,12 +409,17 @@ class LabelSmoothingCE(nn.Module):
         super().__init__()
         _check_choice('reduction', reduction, _reductions)
         _check_choice('variant', variant, _variants)
-        if weight is not None:
-            if weight.dim() != 1: raise ValueError(f"weight must be a 1-D tensor with one entry per class; got shape {tuple(weight.shape)}")
-            _check_weight(weight, len(weight))
+        _check_weight(weight)
         store_attr('ignore_index,reduction,variant')
         self.register_buffer('eps_t', torch.tensor(_check_eps(eps), dtype=torch.float64))
         self.register_buffer('weight', weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint is input like any other: a bad ε or weight is refused, not used to compute a wrong loss
+        eps, weight = state_dict.get(prefix + 'eps_t'), state_dict.get(prefix + 'weight')
+        if eps is not None: _check_eps(eps)
+        _check_weight(weight)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # `.to(device)`, `.half()`... move the weight, but ε stays a float64 CPU scalar: exact, and read without a device sync
@@ -393,14 +486,19 @@ def smooth_targets(
 ) -> Tensor: # Float probability rows of shape (N, C, d1, ...)
     "Smoothed probability targets: `(1-eps)*onehot + eps/C` (or `eps/(C-1)` on the others for `variant='others'`)"
     _check_choice('variant', variant, _variants)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral):
+        raise TypeError(f"n_classes must be an integer; got {n_classes!r}")
     if n_classes < 2: raise ValueError(f"label smoothing needs at least 2 classes; got n_classes={n_classes}")
     a, b = _coefs(_check_eps(eps), n_classes, variant)
     if target.is_floating_point():
         if target.dim() < 2 or target.shape[1] != n_classes:
             raise ValueError(f"probability targets must have n_classes={n_classes} on dim 1; got shape {tuple(target.shape)}")
         return target * a + b
+    if target.dtype == torch.bool or target.is_complex():   # as in the loss: a mask is not a class index
+        raise TypeError(f"class-index targets must be an integer tensor; got {target.dtype}")
+    target = target.long()   # so that ignore_index=-100 cannot wrap to a valid uint8 class
     keep = target != ignore_index
     bad = keep & ((target < 0) | (target >= n_classes))
     if bool(bad.any()): raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes})")
-    onehot = F.one_hot(torch.where(keep, target, 0).long(), n_classes).movedim(-1, 1).float()
+    onehot = F.one_hot(torch.where(keep, target, 0), int(n_classes)).movedim(-1, 1).float()
     return (onehot * a + b) * keep.unsqueeze(1)

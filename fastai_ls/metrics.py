@@ -6,7 +6,7 @@ Docs: https://fastai-ls.github.io/fastai_ls/metrics.html.md"""
 
 # %% ../nbs/02_metrics.ipynb #d0db4fb1
 from __future__ import annotations
-import math, warnings
+import math, operator, warnings
 from fastai.basics import *
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -61,13 +61,17 @@ def calib_inputs(
         logp = F.log_softmax(x.double(), -1)
         return logp.exp(),logp,targs,mask
     if problem: raise ValueError(f"`preds` were declared probabilities (from_logits=False) but {problem}")
-    probs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return probs,probs.double().log(),targs,mask
+    # inside the tolerance, rounding may leave a probability just below 0 (a NaN log) or at 0 (an infinite NLL)
+    probs = (x if x.dtype in (torch.float32, torch.float64) else x.float()).clamp(0, 1)
+    return probs,probs.double().clamp_min(torch.finfo(probs.dtype).tiny).log(),targs,mask
 
 # %% ../nbs/02_metrics.ipynb #05caeee7
-def _check_bins(n_bins):
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}")
+def _check_bins(n_bins)->int:
+    "`n_bins` as an `int`: any integral number (`np.int64` too), but not a bool or a float"
+    try: n = operator.index(n_bins)
+    except TypeError: n = 0
+    if isinstance(n_bins, bool) or n < 1: raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}")
+    return n
 
 def _check_norm(norm):
     if norm not in ('l1', 'max'): raise ValueError(f"`norm` must be 'l1' (ECE) or 'max' (MCE), got {norm!r}")
@@ -87,7 +91,7 @@ def calibration_bins(
     adaptive:bool=False, # Equal-mass bins instead of equal-width
 )->tuple: # `(edges, counts, mean_conf, accuracy)`: `n_bins+1` edges, then per-bin float64 (NaN for empty bins)
     "Bin `conf` into (lower, upper] bins and return per-bin count, mean confidence and accuracy"
-    _check_bins(n_bins)
+    n_bins = _check_bins(n_bins)
     conf,hits = torch.as_tensor(conf).flatten(),torch.as_tensor(hits).flatten().double()
     if conf.shape != hits.shape: raise ValueError(f"`conf` has {conf.numel()} values but `hits` has {hits.numel()}")
     edges = _edges(conf, n_bins, adaptive)
@@ -161,7 +165,7 @@ class ECE(CalibMetric):
         ignore_index:int=-100, # Target value whose positions are left out
         from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect per batch
     ):
-        _check_bins(n_bins); _check_norm(norm)
+        n_bins = _check_bins(n_bins); _check_norm(norm)
         super().__init__(axis, ignore_index, from_logits)
         store_attr('n_bins,adaptive,classwise,norm')
 
@@ -217,7 +221,7 @@ def reliability_diagram(
     figsize:tuple=(6,6.5), # Figure size in inches
 )->Figure:
     "Per-bin accuracy against confidence with the gaps shaded, and a histogram of confidences"
-    _check_bins(n_bins)
+    n_bins = _check_bins(n_bins)
     models = _named_preds(preds, targs)
     # a bare `Figure` needs no pyplot backend (headless-safe) and shows once in notebooks
     fig = Figure(figsize=figsize, layout='constrained')
@@ -267,14 +271,17 @@ def _raw_logits(learn, ds_idx, dl):
         return learn.get_preds(ds_idx=ds_idx, dl=dl, act=noop)
 
 def _golden(f, a, b, tol):
-    "Minimiser of unimodal `f` on [a, b]"
-    g = (math.sqrt(5)-1)/2
+    "Minimiser of unimodal `f` on [a, b] to within `tol` or float resolution, and whether it is at an end of [a, b]"
+    lo,hi,g = a,b,(math.sqrt(5)-1)/2
     c,d = b-g*(b-a),a+g*(b-a)
     fc,fd = f(c),f(d)
     while b-a > tol:
+        w = b-a
         if fc <= fd: b,d,fd = d,c,fc; c = b-g*(b-a); fc = f(c)
         else:        a,c,fc = c,d,fd; d = a+g*(b-a); fd = f(d)
-    return (a+b)/2
+        if not b-a < w: break  # float resolution: a smaller `tol` cannot be met
+    # an end that never moved: every comparison pointed at it
+    return (a+b)/2, a == lo or b == hi
 
 # %% ../nbs/02_metrics.ipynb #190bb8a4
 def fit_temperature(
@@ -285,31 +292,39 @@ def fit_temperature(
     axis:int=1, # Class axis of the logits
     ignore_index:int=-100, # Target value whose positions are left out
     t_min:float=1e-2, # Smallest temperature searched
-    t_max:float=1e2, # Largest temperature searched
-    tol:float=1e-7, # Width in log T at which the search stops
+    t_max:float=1e2, # Largest temperature searched, finite
+    tol:float=1e-7, # Width in log T at which the search stops; 0: as precisely as float64 allows
 )->float:
     "Temperature T > 0 minimising the NLL of `logits/T`"
-    if not 0 < t_min < t_max: raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    if not 0 < t_min < t_max < math.inf: raise ValueError(f"need 0 < t_min < t_max < inf, got t_min={t_min}, t_max={t_max}")
+    if not tol >= 0: raise ValueError(f"`tol` must be >= 0, got {tol}")
     if isinstance(learn_or_logits, Learner): logits,targs = _raw_logits(learn_or_logits, ds_idx, dl)
     elif targs is None: raise ValueError("`targs` are needed when fitting on logits")
     else: logits = learn_or_logits
     logits = torch.as_tensor(logits)
     _,_,t,mask = calib_inputs(logits, targs, axis, ignore_index, from_logits=True)
     z,t = logits.movedim(axis, -1)[mask].double(),t[mask]
+    if not len(z):
+        raise ValueError("`fit_temperature` has nothing to fit on: " +
+                         (f"every target is `ignore_index`={ignore_index}" if mask.numel() else "the logits are empty"))
+    bad = ~z.isfinite().all(-1)
+    if bad.any():
+        raise ValueError(f"`fit_temperature` needs finite logits, but {bad.sum().item()} of the {len(z)} items have NaN or "
+                         f"infinite ones, e.g. {z[bad][0].tolist()[:5]} (did training diverge?)")
     if _prob_violation(z) is None:
         raise ValueError("`fit_temperature` needs logits, but the predictions are probabilities (in [0, 1], summing to 1)")
     nll = lambda u: F.cross_entropy(z*math.exp(-u), t).item()
-    u = _golden(nll, math.log(t_min), math.log(t_max), tol)
-    if min(u-math.log(t_min), math.log(t_max)-u) < 10*tol:
-        warnings.warn(f"fitted T={math.exp(u):.4g} is at the edge of [t_min, t_max]=[{t_min}, {t_max}]")
-    return math.exp(u) if nll(u) <= nll(0.) else 1.
+    u,at_edge = _golden(nll, math.log(t_min), math.log(t_max), tol)
+    if not nll(u) < nll(0.): return 1.  # T=1 is as good: e.g. equal logits in every item, whose NLL ignores T
+    if at_edge: warnings.warn(f"fitted T={math.exp(u):.4g} is at the edge of [t_min, t_max]=[{t_min}, {t_max}]")
+    return math.exp(u)
 
 # %% ../nbs/02_metrics.ipynb #09513101
 class TemperatureScaling(Callback):
     "Divide the model's outputs by `T` outside training: in `get_preds`, `predict`, `validate` and their metrics"
     run_train = False
-    def __init__(self, T:float=1.): # Temperature, > 0
-        if not T > 0: raise ValueError(f"temperature `T` must be > 0, got {T}")
+    def __init__(self, T:float=1.): # Temperature, finite and > 0
+        if not 0 < T < math.inf: raise ValueError(f"temperature `T` must be finite and > 0, got {T}")
         store_attr()
     def after_pred(self): self.learn.pred = self.pred/self.T
 

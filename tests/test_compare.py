@@ -1,8 +1,10 @@
 "The `fastai-ls compare` command line: real runs on digits and on the pet sample, bad arguments, Ctrl-C"
-import os, re, shutil, signal, subprocess, sys, time, urllib.error
+import os, re, shutil, signal, subprocess, sys, tempfile, time, urllib.error
+from pathlib import Path
 import pandas as pd, pytest, torch
 from fastai_ls import compare as C
-from fastai_ls.compare import main, STRATEGIES, METRICS
+from fastai_ls.compare import main, Comparison, STRATEGIES, METRICS, OUTPUTS
+from fastai_ls.losses import LabelSmoothingCE
 
 TINY = ['--seeds', '2', '--epochs', '2', '--train-size', '100']
 
@@ -19,6 +21,7 @@ def exit_of(argv, capsys):
 def check_results(out, strategies, seeds):
     "The CSV holds one finite row per (seed, strategy); the table and plots are there"
     df = pd.read_csv(out/'results.csv')
+    assert (df.status == 'ok').all() and df.error.isna().all()
     assert sorted(zip(df.seed, df.strategy)) == sorted((s, st) for s in range(seeds) for st in strategies)
     assert df[list(METRICS)].notna().all().all() and (df[list(METRICS)] >= 0).all().all()
     assert df.error_rate.le(1).all() and df.ece.le(1).all()
@@ -108,6 +111,8 @@ def _bad_folders(tmp_path, pets_path):
     src = next(pets_path.iterdir())
     for n in ('cat.jpg', 'IMG_0001.JPG', 'dog-3.jpg'): shutil.copy(src, tmp_path/'nomatch'/n)
     (tmp_path/'afile.jpg').write_bytes(src.read_bytes())
+    (tmp_path/'few').mkdir()   # 2 breeds, but too few images for a validation set
+    for n in ('a_1.jpg', 'a_2.jpg', 'b_1.jpg', 'b_2.jpg'): shutil.copy(src, tmp_path/'few'/n)
 
 @pytest.mark.parametrize('args,msg', [
     (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
@@ -119,6 +124,11 @@ def _bad_folders(tmp_path, pets_path):
     (['--eps', 'abc'], "invalid float value: 'abc'"),
     (['--schedule', 'step'], "unknown schedule 'step'"),
     (['--seeds', '0'], '--seeds must be at least 1'),
+    (['--lr', 'inf'], '--lr must be a finite number > 0; got inf'),
+    (['--lr', 'nan'], '--lr must be a finite number > 0; got nan'),
+    (['--lr', '-1'], '--lr must be a finite number > 0; got -1'),
+    (['--train-size', '20', '--bs', '32'], '--bs 32 is larger than the 20 training images'),
+    (['--dataset', 'pets', '--path', '{tmp}/few'], 'has only 4 images: the 20% validation set would be empty'),
     (['--epochs', '0'], '--epochs must be at least 1'),
     (['--train-size', '5000'], '--train-size must be between 10 and 1297'),
     (['--path', '.'], '--path is for --dataset pets'),
@@ -172,3 +182,142 @@ def test_ctrl_c_keeps_finished_runs(tmp_path):
     summary = (out/'summary.md').read_text()
     for st, n in df.groupby('strategy').seed.nunique().items(): assert f"| {st} | {n} |" in summary
     for f in ('reliability.png', 'eps_schedule.png'): assert (out/f).stat().st_size > 10_000
+
+# ---------------------------------------------------------------- results on disk are never lost
+def read_only_dir(tmp_path):
+    "A folder in which no file can be created, even by root"
+    if os.geteuid() != 0:
+        d = tmp_path/'ro'; d.mkdir(); d.chmod(0o555)
+        return d
+    d = Path('/sys')  # root may write anywhere but in a kernel file system
+    try: tempfile.TemporaryFile(dir=d).close()
+    except OSError: return d
+    pytest.skip('no read-only folder for root on this machine')
+
+@pytest.mark.parametrize('kind', ['file', 'inside a file', 'read-only'])
+def test_unusable_out_refused_before_training(tmp_path, capsys, kind):
+    "A file or a read-only --out: exit 2 and a message before anything trains, not a traceback after the first run"
+    f = tmp_path/'afile'; f.write_text('not a folder')
+    out, msg = dict(file=(f, f"--out {f} is a file, not a folder"),
+                    **{'inside a file': (f/'res', f"--out {f/'res'} cannot be created: {f} is a file, not a folder")}).get(
+                    kind, (None, 'is not writable: no file can be created in'))
+    if out is None: out = read_only_dir(tmp_path)/'res'
+    with pytest.raises(SystemExit) as e:
+        main(['compare', '--seeds', '1', '--epochs', '1', '--train-size', '50', '--strategies', 'ce', '--quiet', '--out', str(out)])
+    std = capsys.readouterr()
+    assert e.value.code == 2 and msg in std.err and 'usage: fastai-ls compare' in std.err, std.err
+    assert '[1/1]' not in std.out and f.read_text() == 'not a folder'   # nothing trained, nothing written
+
+TINY1 = ['--seeds', '1', '--epochs', '1', '--train-size', '50', '--quiet']
+
+def test_earlier_results_are_never_replaced(tmp_path, capsys):
+    "A second comparison into the same --out is refused, whichever of the files is there; --overwrite replaces them"
+    out = tmp_path/'res'
+    main(['compare', '--strategies', 'anneal', *TINY1, '--out', str(out)])
+    before = {f: (out/f).read_bytes() for f in OUTPUTS}
+    capsys.readouterr()
+    code, err = exit_of(['compare', '--strategies', 'ce', *TINY1, '--out', str(out)], capsys)
+    assert code == 2 and f"--out {out} already holds results.csv, summary.md, reliability.png, eps_schedule.png" in err, err
+    assert '--overwrite' in err and {f: (out/f).read_bytes() for f in OUTPUTS} == before
+    (out/'results.csv').unlink()   # an old summary or plot alone is refused too: it would sit beside the new CSV
+    code, err = exit_of(['compare', '--strategies', 'ce', *TINY1, '--out', str(out)], capsys)
+    assert code == 2 and 'already holds summary.md, reliability.png, eps_schedule.png' in err, err
+    main(['compare', '--strategies', 'ce', '--overwrite', *TINY1, '--out', str(out)])
+    check_results(out, ['ce'], 1)
+    assert '| anneal |' not in (out/'summary.md').read_text()
+    # in Python, a second `run` of the same `Comparison` would replace the first's results
+    cmp = Comparison(strategies='ce', seeds=1, epochs=1, train_size=50, show_progress=False, out=tmp_path/'py')
+    cmp.run()
+    with pytest.raises(C.CompareError, match='already holds results.csv'): cmp.run()
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+def test_overwrite_removes_earlier_results_only_once_a_new_run_finished(tmp_path):
+    "--overwrite, then Ctrl-C before the first new run finishes: the earlier results stay; killed after it: no stale file"
+    out = tmp_path/'res'
+    main(['compare', '--strategies', 'anneal', *TINY1, '--out', str(out)])
+    before = {f: (out/f).read_bytes() for f in OUTPUTS}
+    argv = ['fastai-ls', 'compare', '--overwrite', '--seeds', '1', '--epochs', '10', '--train-size', '300',
+            '--strategies', 'ce', 'ls', '--quiet', '--out', str(out)]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()   # printed just before the first run starts training
+    assert line.startswith('[1/2] digits: ce, seed 0'), (line, p.communicate())
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert f"Interrupted before the first run finished; nothing was written to {out}" in err and 'their results' not in err
+    assert {f: (out/f).read_bytes() for f in OUTPUTS} == before
+    # a crash (here SIGKILL, which no handler sees) once the first new run is saved: only new results are left
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while '\ndigits,ce,0,' not in ((out/'results.csv').read_text() if (out/'results.csv').exists() else ''):
+        assert p.poll() is None and time.time() - t0 < 120, 'the first run did not finish in time'
+        time.sleep(0.02)
+    p.kill(); p.wait()
+    assert sorted(os.listdir(out)) == ['results.csv']
+    assert pd.read_csv(out/'results.csv').strategy.tolist() == ['ce']
+
+# ---------------------------------------------------------------- runs that cannot train, or diverge
+def test_training_set_smaller_than_a_batch(tmp_path):
+    "--train-size 10 with the default batch size of 32: one batch of 10 per epoch, not zero batches and an untrained model"
+    main(['compare', '--train-size', '10', '--epochs', '3', '--seeds', '1', '--strategies', 'ce', 'ls', '--quiet',
+          '--out', str(tmp_path)])
+    df = check_results(tmp_path, ['ce', 'ls'], 1)
+    assert (df.bs == 10).all() and (df.iters == 3).all() and (df.n_train == 10).all()
+    assert 'bs 10,' in (tmp_path/'summary.md').read_text()
+
+def test_diverged_runs_are_recorded_and_the_others_go_on(tmp_path, capsys):
+    "--lr 1e6: every model goes to NaN; each run is recorded as failed, the comparison finishes, says so, and exits 1"
+    with pytest.raises(SystemExit) as e:
+        main(['compare', '--lr', '1e6', '--epochs', '5', '--train-size', '100', '--seeds', '1',
+              '--strategies', 'ce', 'ls', 'ce+temp', '--quiet', '--out', str(tmp_path)])
+    std = capsys.readouterr()
+    assert e.value.code == 1, std.err
+    df = pd.read_csv(tmp_path/'results.csv')
+    assert df.strategy.tolist() == ['ce', 'ls', 'ce+temp'] and (df.status == 'failed').all()
+    assert df[list(METRICS) + ['temperature']].isna().all().all()
+    assert df.error[:2].str.contains('FloatingPointError: the model diverged').all(), df.error
+    assert 'the ce model of this seed, which ce+temp reuses, failed' in df.error[2]
+    assert 'Traceback' not in std.err and 'ls, seed 0 failed: FloatingPointError: the model diverged' in std.err
+    summary = (tmp_path/'summary.md').read_text()
+    assert '**3 of 3 runs failed**' in summary and '| ls | 0 | n/a | n/a | n/a | n/a |' in summary
+    assert '- ce+temp, seed 0: the ce model' in summary and summary.split('\n\n', 1)[1] in std.out
+    assert sorted(os.listdir(tmp_path)) == ['results.csv', 'summary.md']   # no plot without a successful run
+
+class LsDiverges(Comparison):
+    "`ls` trains at a learning rate of 1e6 and ends with NaN weights; the other strategies train as usual"
+    def fit(self, learn):
+        if isinstance(learn.loss_func, LabelSmoothingCE): learn.fit_one_cycle(5, 1e6)
+        else: super().fit(learn)
+
+def test_one_diverged_strategy_among_others(tmp_path):
+    "The successful runs make the table and the plots; the diverged one is listed, not averaged in"
+    cmp = LsDiverges(strategies='ce,ls,ce+temp', seeds=2, epochs=2, train_size=100, show_progress=False, out=tmp_path)
+    df = cmp.run()
+    assert df.status.tolist() == ['ok', 'failed', 'ok']*2 and df[df.status == 'ok'][list(METRICS)].notna().all().all()
+    assert set(cmp.preds) == set(cmp.eps_logs) == {'ce', 'ce+temp'}
+    assert pd.read_csv(tmp_path/'results.csv').status.tolist() == df.status.tolist()
+    summary = (tmp_path/'summary.md').read_text()
+    assert '| ce | 2 |' in summary and '| ce+temp | 2 |' in summary and '| ls | 0 | n/a |' in summary
+    assert '**2 of 6 runs failed**' in summary and '- ls, seed 1: FloatingPointError: the model diverged' in summary
+    assert 'ECE ce:' in png_title(cmp) and 'ECE ls' not in png_title(cmp)
+
+def png_title(cmp):
+    "The title of the reliability diagram `cmp` would draw from its successful runs (`reliability.png` holds the same)"
+    from fastai_ls.metrics import reliability_diagram
+    assert (cmp.out/'reliability.png').stat().st_size > 10_000
+    pooled = {k: (torch.cat([l for l, _ in v]), torch.cat([t for _, t in v])) for k, v in cmp.preds.items()}
+    return reliability_diagram(pooled, from_logits=True).axes[0].get_title()
+
+def test_truncated_image_named_before_training(tmp_path, pets_path, capsys):
+    "A truncated JPEG in --path: exit 2 naming the file before anything trains, not a bare OSError mid-epoch"
+    imgs = tmp_path/'imgs'; imgs.mkdir()
+    for breed in ('Abyssinian', 'beagle'):
+        for f in sorted(pets_path.glob(f'{breed}_*.jpg'))[:5]: shutil.copy(f, imgs)
+    bad = sorted(imgs.glob('beagle_*.jpg'))[2]
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size//2])
+    code, err = exit_of(['compare', '--dataset', 'pets', '--path', str(imgs), '--no-pretrained', '--size', '32', '--bs', '4',
+                         '--epochs', '1', '--seeds', '1', '--strategies', 'ce', '--num-workers', '0', '--quiet',
+                         '--out', str(tmp_path/'out')], capsys)
+    assert code == 2 and f"1 of the 10 images in {imgs} cannot be read" in err, err
+    assert f"{bad.name} (OSError: image file is truncated" in err and 'Traceback' not in err
+    assert not (tmp_path/'out').exists()

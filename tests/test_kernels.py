@@ -53,6 +53,34 @@ SCRIPT = textwrap.dedent('''
     L.kernels.triton = triton
     assert loss[0].isposinf() and ref[0].isposinf(), (loss, ref)
     torch.testing.assert_close(loss[1:], ref[1:])
+    # uint8 targets: -100 must not wrap to class 156 (before the fix the kernel read column 156 of each ignored row)
+    x = torch.randn(4, 200); y = torch.tensor([156, 3, 156, 199])
+    for yy, ii in ((y.to(torch.uint8), -100), (torch.tensor([156, -100, 2, 1], dtype=torch.int16), -100)):
+        assert L._use_kernels(x, yy.long())
+        torch.testing.assert_close(label_smoothing_ce(x, yy, 0.1, reduction='none'),
+                                   F.cross_entropy(x, yy.long(), label_smoothing=0.1, reduction='none', ignore_index=ii))
+    # shifted logits keep float32 precision in the loss and the gradient (the kernels work relative to the row max)
+    for k in (37, 5000):
+        z = torch.randn(8, k, dtype=torch.float64) * 2
+        y = torch.randint(0, k, (8,))
+        w = torch.rand(k) + 0.5
+        for shift in (1e5, 1e7):
+            xs = (z + shift).float().requires_grad_()
+            x64 = xs.detach().double().requires_grad_()
+            for ww in (None, w):
+                loss = label_smoothing_ce(xs, y, 0.1, weight=ww)
+                ref = F.cross_entropy(x64, y, weight=None if ww is None else ww.double(), label_smoothing=0.1)
+                g, = torch.autograd.grad(loss, xs); gr, = torch.autograd.grad(ref, x64)
+                torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+                torch.testing.assert_close(g.double(), gr, rtol=1e-3, atol=1e-6)
+    # double backward through the kernel path
+    x = torch.randn(5, 40, requires_grad=True); y = torch.randint(0, 40, (5,)); w = torch.rand(40) + 0.5
+    v = torch.randn(5, 40)
+    hv = []
+    for f in (lambda x: label_smoothing_ce(x, y, 0.2, weight=w), lambda x: F.cross_entropy(x, y, weight=w, label_smoothing=0.2)):
+        g, = torch.autograd.grad(f(x), x, create_graph=True)
+        hv.append(torch.autograd.grad((g * v).sum(), x)[0])
+    torch.testing.assert_close(hv[0], hv[1], rtol=1e-4, atol=1e-6)
     print('cases', cases)
 ''')
 

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import matplotlib
 matplotlib.use('Agg')
 import numpy as np, pytest, torch, torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 from sklearn.calibration import calibration_curve
 from sklearn.datasets import load_digits
@@ -264,3 +265,110 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match='t_min=2'): fit_temperature(z, y, t_min=2, t_max=1)
     with pytest.raises(ValueError, match='`targs` are needed'): fit_temperature(z)
     assert _prob_violation(p) is None
+
+# ---------------------------------------------------------------- malformed but legitimate inputs
+@pytest.mark.parametrize('n_bins', [np.int64(7), np.int32(7), np.uint8(7), torch.tensor(7)])
+def test_n_bins_any_integral_number(n_bins):
+    z, y = synthetic(500, 4)
+    assert ECE(n_bins)(z, y) == ECE(7)(z, y) and type(ECE(n_bins).n_bins) is int
+    assert MCE(n_bins)(z, y) == MCE(7)(z, y)
+    assert calibration_bins(F.softmax(z, 1).max(1).values, torch.ones(500), n_bins)[1].shape == (7,)
+    assert 'ECE' in reliability_diagram(z, y, n_bins=n_bins).axes[0].get_title()
+
+@pytest.mark.parametrize('bad', [7., np.float64(7), np.True_, '7', None])
+def test_n_bins_refuses_floats_and_bools(bad):
+    with pytest.raises(ValueError, match='`n_bins` must be a positive integer'): ECE(bad)
+
+def test_probabilities_with_rounding_noise():
+    "Probabilities that pass the check within its tolerance (entries of -1e-7 and 1+1e-7) give finite metrics"
+    g = torch.Generator().manual_seed(0)
+    p = F.softmax(torch.randn(200, 5, generator=g, dtype=torch.float64)*8, 1).float()
+    y = torch.randint(0, 5, (200,), generator=g)
+    p[:50] = F.one_hot(y[:50], 5).float()                         # confident and right
+    p[50:60] = F.one_hot((y[50:60]+1) % 5, 5).float()               # confident and wrong: 0 on the target
+    noise = torch.where(p == 0, -1e-7, torch.where(p == 1, 1e-7, 0.))
+    noisy = p + noise
+    assert (noisy < 0).any() and (noisy > 1).any() and _prob_violation(noisy) is None
+    # float64 reference by hand: clamp to [0, 1], and the log at float32's smallest normal number
+    pc = np.clip(noisy.double().numpy(), 0, 1)
+    logp = np.log(np.maximum(pc, np.finfo(np.float32).tiny))
+    nll = -logp[np.arange(200), y.numpy()].mean()
+    brier = ((pc - np.eye(5)[y.numpy()])**2).sum(1).mean()
+    for fl in (None, False):
+        assert NLL(from_logits=fl)(noisy, y) == pytest.approx(nll, rel=1e-12) and math.isfinite(nll)
+        assert MultiBrier(from_logits=fl)(noisy, y) == pytest.approx(brier, rel=1e-12)
+        assert ECE(from_logits=fl)(noisy, y) == pytest.approx(ECE()(p, y), abs=1e-6)
+    # an exact 0 on the target gives the same finite value as its noisy version
+    assert NLL()(p, y) == pytest.approx(nll, rel=1e-12)
+
+@pytest.mark.parametrize('T', [0, -1., float('inf'), -float('inf'), float('nan'), torch.tensor(float('inf'))])
+def test_temperature_scaling_refuses_bad_T(T):
+    with pytest.raises(ValueError, match='`T` must be finite and > 0'): TemperatureScaling(T)
+
+def test_fit_temperature_tiny_tol_returns():
+    "tol=0 or below float resolution: the search stops at float resolution instead of looping forever"
+    import threading
+    z, y = synthetic(2000, 10)
+    res = {}
+    def fit():
+        for t in (1e-7, 0, 1e-17, 1e-300): res[t] = fit_temperature(2*z, y, tol=t)
+    th = threading.Thread(target=fit, daemon=True)  # daemon: a regression fails here rather than hang the suite
+    th.start(); th.join(60)
+    assert not th.is_alive(), f"fit_temperature did not return: {res}"
+    T = res[1e-7]
+    assert 1.5 < T < 2.5 and all(res[t] == pytest.approx(T, rel=1e-6) for t in (0, 1e-17, 1e-300))
+
+def test_fit_temperature_uninformative_inputs():
+    z, y = synthetic(300, 5)
+    for logits, targs, msg in [(z[:0], y[:0], 'the logits are empty'),
+                               (z, torch.full_like(y, -100), 'every target is `ignore_index`=-100'),
+                               (z.where(torch.arange(300)[:, None] != 7, float('nan')), y, r'1 of the 300 items have NaN'),
+                               (z.where(torch.arange(300)[:, None] != 7, float('inf')), y, 'needs finite logits'),
+                               (torch.full_like(z, float('nan')), y, 'did training diverge')]:
+        with pytest.raises(ValueError, match=msg) as e: fit_temperature(logits, targs)
+        assert 'probabilities' not in str(e.value)
+    with pytest.raises(ValueError, match='`tol` must be >= 0'): fit_temperature(z, y, tol=float('nan'))
+    with pytest.raises(ValueError, match='t_max=inf'): fit_temperature(z, y, t_max=float('inf'))
+    # the NLL of equal logits does not depend on T: T = 1, and no warning about the edge of the search
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for c in (0., 3., -1e4): assert fit_temperature(torch.full_like(z, c), y) == 1.
+        # items with equal logits mixed with informative ones: the fit is that of the informative ones alone
+        mixed = torch.cat([z, torch.zeros_like(z)])
+        assert fit_temperature(mixed, torch.cat([y, y])) == pytest.approx(fit_temperature(z, y), rel=1e-5)
+
+# ---------------------------------------------------------------- properties over malformed but legitimate inputs
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), c=st.integers(2, 7), sharp=st.floats(0, 60),
+       noise=st.floats(0, 1e-4), dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+def test_noisy_probabilities_property(seed, n, c, sharp, noise, dtype):
+    "Probabilities within the check's tolerance, at any sharpness (exact 0s and 1s) and dtype: finite, and as computed by hand"
+    g = torch.Generator().manual_seed(seed)
+    p = F.softmax(torch.randn(n, c, generator=g, dtype=torch.float64)*sharp, 1)
+    y = torch.randint(0, c, (n,), generator=g)
+    noisy = (p + (torch.rand(n, c, generator=g, dtype=torch.float64)*2-1)*noise).to(dtype)
+    if _prob_violation(noisy) is not None: return  # rounding to a low precision can leave the tolerance
+    ref_p = np.clip(noisy.double().numpy(), 0, 1)
+    tiny = np.finfo(np.float64 if dtype == torch.float64 else np.float32).tiny
+    nll = -np.log(np.maximum(ref_p, tiny))[np.arange(n), y.numpy()].mean()
+    brier = ((ref_p - np.eye(c)[y.numpy()])**2).sum(1).mean()
+    assert NLL(from_logits=False)(noisy, y) == pytest.approx(nll, rel=1e-9)
+    assert MultiBrier(from_logits=False)(noisy, y) == pytest.approx(brier, rel=1e-9, abs=1e-12)
+    for m in (ECE(from_logits=False), ECE(np.int64(4), adaptive=True, from_logits=False), ECE(classwise=True, from_logits=False)):
+        assert 0 <= m(noisy, y) <= 1
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 60), c=st.integers(2, 6), scale=st.floats(0, 50),
+       shift=st.sampled_from([0., -7., 1e4, 1e7]), n_const=st.integers(0, 5), tol=st.sampled_from([0., 1e-12, 1e-7, 1e-2]))
+def test_fit_temperature_property(seed, n, c, scale, shift, n_const, tol):
+    "Any finite logits (shifted, flat, constant rows) and tol: T in [t_min, t_max], and never a higher NLL than T=1"
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g, dtype=torch.float64)*scale + shift
+    z[:n_const] = shift   # items whose logits are all equal
+    y = torch.randint(0, c, (n,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # tiny or separable sets may hit the search bounds
+        T = fit_temperature(z, y, tol=tol)
+    nll = lambda t: F.cross_entropy(z/t, y).item()
+    assert 1e-2 <= T <= 1e2 and nll(T) <= nll(1.)
+    if (z == z[:, :1]).all(): assert T == 1.
