@@ -6,6 +6,7 @@ logits (the gradient included), divided by the logits' bytes.
 
     python bench/bench_loss.py                 # CPU, the default shapes
     python bench/bench_loss.py --device cuda   # GPU
+    python bench/bench_loss.py --prior         # a (C, C) prior, against the soft-target route with a materialised q
 """
 import argparse, statistics, time
 import torch, torch.nn.functional as F
@@ -21,6 +22,16 @@ SHAPES = [((256, 37), torch.float32), ((4096, 1000), torch.float32), ((2048, 327
 def losses():
     ours, fastai_ls = LabelSmoothingCE(EPS), LabelSmoothingCrossEntropy(EPS)
     return {'fastai_ls': ours, 'torch': lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS), 'fastai': fastai_ls}
+
+PRIOR_SHAPES = [((4096, 1000), torch.float32), ((2048, 32768), torch.float32)]
+
+def prior_losses(prior):
+    "Ours with a (C, C) prior, and what a user would otherwise write: q = (1-eps)*onehot + eps*P[y], then soft-target CE"
+    ours = LabelSmoothingCE(EPS, prior=prior)
+    def soft_route(x, y):
+        q = prior[y].mul_(EPS).scatter_add_(1, y[:, None], torch.full_like(y[:, None], 1 - EPS, dtype=prior.dtype))
+        return F.cross_entropy(x, q)
+    return {'fastai_ls': ours, 'soft-q': soft_route}
 
 def step(loss_fn, x, y):
     loss_fn(x, y).backward()
@@ -56,24 +67,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    p.add_argument('--prior', action='store_true', help='time the loss with a random (C, C) prior against a materialised soft target')
     args = p.parse_args()
     device = torch.device(args.device)
     if args.threads: torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, eps={EPS}\n")
-    header = f"| {'shape':<18} | {'dtype':<8} | {'loss':<9} | {'fwd+bwd ms':>10} | {'vs torch':>8} | {'peak extra mem':>14} |"
+    ref_name = 'soft-q' if args.prior else 'torch'
+    header = f"| {'shape':<18} | {'dtype':<8} | {'loss':<9} | {'fwd+bwd ms':>10} | {'vs ' + ref_name:>9} | {'peak extra mem':>14} |"
     print(header); print('|' + '|'.join('-' * (len(c)) for c in header.split('|')[1:-1]) + '|')
-    for shape, dtype in SHAPES:
+    for shape, dtype in (PRIOR_SHAPES if args.prior else SHAPES):
         x = torch.randn(shape, device=device).mul_(3).to(dtype).requires_grad_()
         y = torch.randint(0, shape[1], (shape[0],) + shape[2:], device=device)
-        runs = {name: (lambda fn=fn: step(fn, x, y)) for name, fn in losses().items()}
+        fns = prior_losses(torch.softmax(torch.randn(shape[1], shape[1], device=device), 1)) if args.prior else losses()
+        runs = {name: (lambda fn=fn: step(fn, x, y)) for name, fn in fns.items()}
         # interleaved rounds, then the median of the rounds: a shared machine's load comes and goes
         rounds = [{name: median_ms(run, device, min_time=0.3) for name, run in runs.items()} for _ in range(ROUNDS)]
         results = {name: (statistics.median(r[name] for r in rounds), peak_extra_bytes(run, device) / (x.numel() * x.element_size()))
                    for name, run in runs.items()}
-        ref = results['torch'][0]
+        ref = results[ref_name][0]
         for name, (ms, mem) in results.items():
-            print(f"| {str(shape):<18} | {str(dtype)[6:]:<8} | {name:<9} | {ms:>10.2f} | {ms / ref:>7.2f}x | {mem:>13.2f}x |")
+            print(f"| {str(shape):<18} | {str(dtype)[6:]:<8} | {name:<9} | {ms:>10.2f} | {ms / ref:>8.2f}x | {mem:>13.2f}x |")
         del x, y
 
 if __name__ == '__main__': main()

@@ -53,11 +53,37 @@ def _check_weight(weight, n_classes:int|None=None, check_values=True):
             k = int(bad.nonzero()[0])
             raise ValueError(f"weight must be finite and non-negative; got {weight[k].item()} at class {k}")
 
+_PRIOR_TOL = 1e-4   # rows of a prior must sum to 1 within this
+
+def _check_prior(prior, n_classes:int|None=None, variant:str='uniform'):
+    "A prior is a (C,) distribution, or a (C, C) matrix whose row y (a distribution) says where label y's smoothing goes"
+    if prior is None: return
+    if not isinstance(prior, Tensor) or not prior.is_floating_point() or prior.dim() not in (1, 2) \
+       or prior.shape[-1] < 2 or (prior.dim() == 2 and prior.shape[0] != prior.shape[1]):
+        raise ValueError(f"prior must be a float tensor of shape (C,) or (C, C) with C >= 2; got "
+                         f"{f'{prior.dtype} of shape {tuple(prior.shape)}' if isinstance(prior, Tensor) else type(prior).__name__}")
+    if n_classes is not None and prior.shape[-1] != n_classes:
+        raise ValueError(f"prior of shape {tuple(prior.shape)} does not match the C={n_classes} classes of the logits")
+    if variant == 'others':
+        raise ValueError("variant='others' is the prior with a zero diagonal: pass that prior with variant='uniform' "
+                         "(or 'kl'), not both")
+    p = prior.detach().double()
+    bad = ~(p >= 0)   # NaN fails the comparison too
+    if bool(bad.any()):
+        i = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"prior must be finite and non-negative; got {p[i].item()} at {i if len(i) > 1 else i[0]}")
+    sums = p.sum(-1).reshape(-1)
+    off = (sums - 1).abs() > _PRIOR_TOL   # catches inf too
+    if bool(off.any()):
+        i = int(off.nonzero()[0])
+        raise ValueError(f"prior {'rows' if prior.dim() == 2 else 'entries'} must sum to 1 (within {_PRIOR_TOL}); "
+                         f"{f'row {i}' if prior.dim() == 2 else 'it'} sums to {sums[i].item()}")
+
 # %% ../nbs/00_losses.ipynb #5bec1096
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
-def _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight=True) -> Tensor:
+def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params=True) -> Tensor:
     "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly; return class indices as int64"
     _check_choice('reduction', reduction, _reductions)
     _check_choice('variant', variant, _variants)
@@ -93,18 +119,42 @@ def _check_inputs(input, target, weight, ignore_index, reduction, variant, check
                 if bool(bad.any()):
                     raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes}) for "
                                      f"C={n_classes} classes (and not ignore_index={ignore_index})")
-    _check_weight(weight, n_classes, check_values=check_weight and not _is_compiling())
+    if eps.dim(): _check_eps_per_position(eps, input.shape[:1] + input.shape[2:])
+    _check_weight(weight, n_classes, check_values=check_params and not _is_compiling())
+    if prior is not None:
+        if variant == 'others': _check_prior(prior, variant=variant)   # the error: 'others' is a prior itself
+        if prior.dim() == 2 and target.is_floating_point():
+            raise ValueError("a (C, C) prior picks the row of each target class: it needs class-index targets. "
+                             "With probability targets, pass a (C,) prior")
+        if check_params and not _is_compiling(): _check_prior(prior, n_classes, variant)
+        elif prior.shape[-1] != n_classes:
+            raise ValueError(f"prior of shape {tuple(prior.shape)} does not match the C={n_classes} classes of the logits")
     return target
+
+def _check_eps_per_position(eps:Tensor, positions):
+    "One ε per position: the shape of the positions (the target's, without a class dim), every value in [0, 1)"
+    if tuple(eps.shape) != tuple(positions):
+        raise ValueError(f"eps must be a number or hold one value per position, of shape {tuple(positions)}; got shape {tuple(eps.shape)}")
+    if not eps.is_floating_point(): raise TypeError(f"a per-position eps must be a float tensor; got {eps.dtype}")
+    if _is_compiling():
+        torch._assert_async(((eps >= 0) & (eps < 1)).all().cpu(), "eps is outside [0, 1): label smoothing needs 0 <= eps < 1")
+    elif not _functorch_wrapped(eps) and eps.numel():
+        bad = ~((eps >= 0) & (eps < 1))   # NaN fails both comparisons
+        if bool(bad.any()):
+            i = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"eps={eps[i].item()} at position {i} is outside [0, 1): label smoothing needs 0 <= eps < 1")
 
 def _functorch_wrapped(t:Tensor) -> bool:
     "Whether `t` is batched or tracked by a `torch.func` transform: its values cannot be read on the host"
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 def _eps_arg(eps) -> Tensor:
-    "ε, checked, as a float64 CPU scalar; a tensor ε that requires grad, or one traced by `torch.compile`, stays itself"
+    "ε as a tensor: a checked float64 CPU scalar; one per position, one that requires grad or one traced by `torch.compile` stays itself"
+    if isinstance(eps, np.ndarray) and eps.size > 1: eps = torch.from_numpy(eps)
+    if isinstance(eps, Tensor) and eps.numel() > 1: return eps   # one ε per position: checked against the target
     if not (isinstance(eps, Tensor) and (eps.requires_grad or _is_compiling())):
         return torch.tensor(_check_eps(eps), dtype=torch.float64)
-    if eps.numel() != 1: _check_eps(eps)   # the error for a wrong shape
+    if eps.numel() != 1: _check_eps(eps)   # the error for an empty tensor
     if _is_compiling():   # a host-side check would break the graph: the check goes into it instead
         torch._assert_async(((eps >= 0) & (eps < 1)).cpu().reshape(()), "eps is outside [0, 1): label smoothing needs 0 <= eps < 1")
     else: _check_eps(eps)
@@ -132,10 +182,15 @@ def _blocks(shape, nbytes, is_cuda, half):
     return [((slice(i, i + 1), slice(None), slice(j, j + cols)), (slice(i, i + 1), slice(j, j + cols)))
             for i in range(n) for j in range(0, s, cols)]
 
+def _beta(eps, n_classes, variant):
+    "The smoothing mass β of the smoothed target q = (1-β)·onehot(y) + β·U[y], U the prior (uniform 1/K without one)"
+    # 'others' spreads εK/(K-1) uniformly, so that the true class keeps exactly 1-ε and each other class gets ε/(K-1)
+    return eps * (n_classes / (n_classes - 1)) if variant == 'others' else eps
+
 def _coefs(eps, n_classes, variant):
-    "Coefficients `a` (on x_y) and `b` (on every x_k) of the smoothed target: q = a*onehot + b"
-    eps_ = eps * (n_classes / (n_classes - 1)) if variant == 'others' else eps
-    return 1 - eps_, eps_ / n_classes
+    "Without a prior, q = a·onehot + b on every class: `a = 1-β` and `b = β/K`"
+    beta = _beta(eps, n_classes, variant)
+    return 1 - beta, beta / n_classes
 
 def _compute_dtype(x):
     "float64 for float64 logits, float32 for everything else (half inputs are computed in float32)"
@@ -144,6 +199,14 @@ def _compute_dtype(x):
 def _cls_view(t, ndim):
     "Reshape a per-class vector to broadcast against a (N, C[, S]) tensor"
     return t.view((1, -1) + (1,) * (ndim - 2))
+
+def _pos_view(t):
+    "A per-position tensor (or a scalar) to broadcast against the class dim of a block"
+    return t.unsqueeze(1) if isinstance(t, Tensor) and t.dim() else t
+
+def _at(t, pi):
+    "The block `pi` of a per-position tensor; a scalar is the same everywhere"
+    return t[pi] if isinstance(t, Tensor) and t.dim() else t
 
 # %% ../nbs/00_losses.ipynb #cc662df3
 def _hard_terms(target, weight, ignore_index, n_classes, dtype):
@@ -154,9 +217,33 @@ def _hard_terms(target, weight, ignore_index, n_classes, dtype):
     if weight is None: return safe, v, v, n_classes
     return safe, v, weight[safe] * v, weight.sum()
 
-def _soft_coefs(target, a, b, weight, ndim):
-    "The smoothed target q = a*t + b, and c = w*q, the per-class coefficients of -log p"
-    q = target * a + b
+def _spread_terms(prior, safe, weight, n_classes, ndim, kl=False):
+    """For class-index targets `safe` (a block of them), where the smoothing mass goes, with the class weights folded in:
+    `wu` = w_k·U[y,k] (a float, a class vector, or one row per position, on dim 1), `s0` = Σ_k wu_k, and for 'kl'
+    `s1` = Σ_k wu_k·log U[y,k] and `uy` = U[y,y]. U is `prior`, or uniform (1/K) without one."""
+    k = n_classes
+    if prior is None:
+        wu = 1 / k if weight is None else _cls_view(weight / k, ndim)
+        s0 = 1. if weight is None else weight.sum() / k
+        return wu, s0, s0 * math.log(1 / k), 1 / k
+    if prior.dim() == 1:
+        u = prior if weight is None else prior * weight
+        return _cls_view(u, ndim), u.sum(), (torch.xlogy(u, prior).sum() if kl else None), (prior[safe] if kl else None)
+    rows = prior[safe].movedim(-1, 1)   # U[y] for every position: (rows, C[, cols]), a block at most
+    wu = rows if weight is None else rows * _cls_view(weight, ndim)
+    return wu, wu.sum(1), (torch.xlogy(wu, rows).sum(1) if kl else None), (prior.diagonal()[safe] if kl else None)
+
+def _target_entropy(beta, r, v, s0, s1, uy):
+    "Σ_k w_k q_k log q_k of the smoothed target at each position: what variant='kl' subtracts"
+    # every class gets β·U[y,k]; the target class gets 1-β on top
+    by = beta * uy
+    return v * (beta * s1 + torch.xlogy(beta, beta) * s0) + r * (torch.xlogy(1 - beta + by, 1 - beta + by) - torch.xlogy(by, by))
+
+def _soft_coefs(target, beta, prior, weight, ndim):
+    "For probability targets t: the smoothed target q = (1-β)·t + β·u (u: a (C,) prior, or 1/K), and c = w·q"
+    beta = _pos_view(beta)
+    u = 1 / target.shape[1] if prior is None else _cls_view(prior, ndim)
+    q = target * (1 - beta) + beta * u
     return q, (q if weight is None else q * _cls_view(weight, ndim))
 
 def _reduce(loss, reduction, denom):
@@ -172,35 +259,36 @@ def _grad_scale(grad_out, reduction, denom):
     if reduction != 'mean': return grad_out
     return torch.where(denom > 0, grad_out / denom.clamp_min(torch.finfo(grad_out.dtype).tiny), 0.)
 
-def _use_kernels(x, target):
-    "Class-index targets on 2-D float32/half logits with contiguous classes go to the Triton kernels on GPU"
+def _use_kernels(x, target, eps, prior):
+    "Class-index targets on 2-D float32/half logits with contiguous classes, one ε and no prior go to the Triton kernels on GPU"
     return (not target.is_floating_point() and x.dim() == 2 and x.stride(1) == 1 and target.is_contiguous()
-            and x.dtype != torch.float64 and not _is_compiling() and kernels.triton_ok(x))
+            and eps.dim() == 0 and prior is None and x.dtype != torch.float64 and not _is_compiling() and kernels.triton_ok(x))
 
-def _as_blocks(x, target):
-    "View N-d logits as (N, C, S) and targets to match; 2-D inputs are left as they are"
-    if x.dim() == 2: return x, target
+def _as_blocks(x, target, eps):
+    "View N-d logits as (N, C, S), and targets and a per-position ε to match; 2-D inputs are left as they are"
+    if x.dim() == 2: return x, target, eps
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    return x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
+    return (x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s)),
+            (eps.reshape(n, s) if eps.dim() else eps))
 
 # %% ../nbs/00_losses.ipynb #cdd3b448
 class _LabelSmoothingCEFn(torch.autograd.Function):
-    "loss = lse(x) - a*x_y - b*sum(x), computed blockwise in float32 (float64 for float64); backward writes the gradient once"
+    "loss = scale·lse(x) - Σ_k c_k x_k, computed blockwise in float32 (float64 for float64); backward writes the gradient once"
     @staticmethod
-    def forward(ctx, x, target, eps, weight, ignore_index, reduction, variant):
+    def forward(ctx, x, target, eps, weight, ignore_index, reduction, variant, prior):
         ct = _compute_dtype(x)
-        xb, tb = _as_blocks(x, target)
-        k = xb.shape[1]
-        a, b = _coefs(eps.to(ct), k, variant)
-        soft, w = target.is_floating_point(), (None if weight is None else weight.to(x.device, ct))
-        # every term is taken relative to the position's largest logit m: the m's cancel (the coefficients of lse and
-        # of the logits sum to the same), so shifted logits (x + 1e7) lose no precision to lse - x_y
+        xb, tb, eb = _as_blocks(x, target, eps)
+        k, nd = xb.shape[1], xb.dim()
+        beta = _beta(eb.to(ct) if eb.dim() == 0 else eb.to(x.device, ct), k, variant)   # one β (a CPU scalar), or one per position
+        soft, kl = target.is_floating_point(), variant == 'kl'
+        w = None if weight is None else weight.to(x.device, ct)
+        u = None if prior is None else prior.to(x.device, ct)
+        # every term is taken relative to the position's largest logit m: the m's cancel (the coefficient of lse is the
+        # sum of the logits' coefficients), so shifted logits (x + 1e7) lose no precision to lse - x_y
         lse = torch.empty(xb.shape[:1] + xb.shape[2:], device=x.device, dtype=ct)   # lse - m
-        lin = torch.empty_like(lse)    # the terms that are linear in x - m (and, for 'kl', the target entropy)
-        if soft: scale = torch.empty_like(lse)   # sum_k c_k, the coefficient of lse
-        else:
-            safe, v, r, W = _hard_terms(tb, w, ignore_index, k, ct)
-            scale = a * r + b * W * v
+        lin = torch.empty_like(lse)     # Σ_k c_k (x_k - m), less the target entropy for 'kl'
+        scale = torch.empty_like(lse)   # Σ_k c_k, the coefficient of lse
+        if not soft: safe, v, r, _ = _hard_terms(tb, w, ignore_index, k, ct)
         for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, x.dtype != ct):
             xc = xb[xi].to(ct)   # a copy only for half blocks: torch's softmax is far slower on them
             m = xc.amax(1, keepdim=True)
@@ -209,40 +297,44 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
             sm = torch.softmax(xc, 1)
             lse[pi] = sm.amax(1).log_().neg_()
             xm = torch.sub(xc, m, out=sm)   # x - m, in the softmax's buffer
+            bt = _at(beta, pi)
             if soft:
-                q, c = _soft_coefs(tb[xi].to(ct), a, b, w, xb.dim())
+                q, c = _soft_coefs(tb[xi].to(ct), bt, u, w, nd)
                 lin[pi] = xm.mul_(c).sum(1)
                 scale[pi] = c.sum(1)
-                if variant == 'kl': lin[pi] -= torch.xlogy(c, q).sum(1)
-            else:
-                xsum = (xm if w is None else xm.mul_(_cls_view(w, xb.dim()))).sum(1)
-                # where, not products: a -inf logit whose coefficient is 0 (eps = 0; 'others' at eps = (K-1)/K; an
-                # ignored row) must not turn 0 * -inf into NaN
-                xy = xc.gather(1, safe[pi].unsqueeze(1)).squeeze(1) - m.squeeze(1)
-                ar, bv = a * r[pi], b * v[pi]
-                lin[pi] = torch.where(ar != 0, ar * xy, 0.) + torch.where(bv != 0, bv * xsum, 0.)
-        if not soft and variant == 'kl':   # subtract the (weighted) target entropy: sum_k c_k log q_k
-            lin -= r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
+                if kl: lin[pi] -= torch.xlogy(c, q).sum(1)
+                continue
+            sp, vp = safe[pi], v[pi]
+            wu, s0, s1, uy = _spread_terms(u, sp, w, k, nd, kl)
+            xsum = xm.sum(1) * wu if isinstance(wu, float) else xm.mul_(wu).sum(1)
+            xy = xc.gather(1, sp.unsqueeze(1)).squeeze(1) - m.squeeze(1)
+            ar, bv = (1 - bt) * r[pi], bt * vp
+            # where, not products: a -inf logit whose coefficient is 0 (eps = 0; 'others' at eps = (K-1)/K; an
+            # ignored row) must not turn 0 * -inf into NaN
+            lin[pi] = torch.where(ar != 0, ar * xy, 0.) + torch.where(bv != 0, bv * xsum, 0.)
+            scale[pi] = ar + bv * s0
+            if kl: lin[pi] -= _target_entropy(bt, r[pi], vp, s0, s1, uy)
         # ignored positions are exactly 0, even where their logits are not finite; probability rows may sum to
         # anything (torch takes log-probabilities and negative targets as they are), so the test is != 0
         loss = (torch.where(scale != 0, scale * lse, 0.) - lin).view(x.shape[:1] + x.shape[2:])
         denom = (loss.new_tensor(float(loss.numel())) if soft else r.sum()) if reduction == 'mean' else None
-        ctx.save_for_backward(x, target, w, a, b, denom)   # backward recomputes the softmax: no N x C state
+        ctx.save_for_backward(x, target, w, u, beta, scale, denom)   # backward recomputes the softmax: no N x C state
         ctx.meta = ignore_index, reduction
-        _keep_spec(ctx, eps, weight, ignore_index, reduction, variant)
+        _keep_spec(ctx, eps, weight, ignore_index, reduction, variant, prior)
         return _reduce(loss, reduction, denom)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, w, a, b, denom = ctx.saved_tensors
-        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 6
+        x, target, w, u, beta, scale, denom = ctx.saved_tensors
+        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 7
         ignore_index, reduction = ctx.meta
-        ct = a.dtype
-        xb, tb = _as_blocks(x, target)
+        ct = scale.dtype
+        xb, tb, _ = _as_blocks(x, target, beta)
         k, nd, positions = xb.shape[1], xb.dim(), xb.shape[:1] + xb.shape[2:]
         g = _grad_scale(grad_out.to(ct), reduction, denom)
         g = g.expand(positions) if reduction != 'none' else g.reshape(positions)
         soft, direct = target.is_floating_point(), x.dtype == ct   # direct: write blocks straight into the gradient
+        if not soft: safe, v, r, _ = _hard_terms(tb, w, ignore_index, k, ct)
         grad = torch.empty(xb.shape, device=x.device, dtype=x.dtype)
         for xi, pi in _blocks(xb.shape, x.numel() * x.element_size(), x.is_cuda, not direct):
             p, xc = grad[xi], xb[xi]
@@ -251,18 +343,20 @@ class _LabelSmoothingCEFn(torch.autograd.Function):
             else:   # a column block of N-d logits: torch's softmax would copy it, elementwise ops write in place
                 torch.sub(xc, xc.amax(1, keepdim=True), out=p).exp_()
                 p.div_(p.sum(1, keepdim=True))
-            gc = g[pi].unsqueeze(1)
+            gc, bt = g[pi].unsqueeze(1), _at(beta, pi)
+            # dℓ/dx_k = scale·p_k - c_k, with c_k the coefficient of x_k
+            p.mul_(gc * scale[pi].unsqueeze(1))
             if soft:
-                _, c = _soft_coefs(tb[xi].to(ct), a, b, w, nd)
-                p.mul_(gc * c.sum(1, keepdim=True)).sub_(c.mul_(gc))
+                _, c = _soft_coefs(tb[xi].to(ct), bt, u, w, nd)
+                p.sub_(c.mul_(gc))
             else:
-                safe, v, r, W = _hard_terms(tb[pi], w, ignore_index, k, ct)
-                p.mul_(gc * (a * r + b * W * v).unsqueeze(1))
-                if w is None: p.sub_(gc * (b * v).unsqueeze(1))
-                else: p.addcmul_(gc * (b * v).unsqueeze(1), _cls_view(w, nd), value=-1)
-                p.scatter_add_(1, safe.unsqueeze(1), gc * (-a * r).unsqueeze(1))
+                wu = _spread_terms(u, safe[pi], w, k, nd)[0]
+                gb = gc * _pos_view(bt * v[pi])
+                if isinstance(wu, float): p.sub_(gb * wu)
+                else: p.addcmul_(gb, wu, value=-1)
+                p.scatter_add_(1, safe[pi].unsqueeze(1), gc * _pos_view(-(1 - bt) * r[pi]))
             if not direct: grad[xi] = p
-        return grad.view(x.shape), None, None, None, None, None, None
+        return grad.view(x.shape), None, None, None, None, None, None, None
 
 class _LabelSmoothingCEKernelFn(torch.autograd.Function):
     "The same loss through the Triton kernels: one read of each row forward, one read and one write backward"
@@ -274,7 +368,7 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         denom = r.sum() if reduction == 'mean' else None
         ctx.save_for_backward(x, target, w, m, ls, wsum, denom)
         ctx.meta = ignore_index, reduction, a, b
-        _keep_spec(ctx, eps, weight, ignore_index, reduction, variant)
+        _keep_spec(ctx, eps, weight, ignore_index, reduction, variant, None)
         return _reduce(loss, reduction, denom)
 
     @staticmethod
@@ -286,10 +380,10 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         return kernels.loss_grad(x, target, w, ignore_index, m, ls, wsum, g, a, b), None, None, None, None, None, None
 
 # %% ../nbs/00_losses.ipynb #63160e28
-def _small_rows(x, target, weight):
+def _small_rows(x, target, eps, weight, prior):
     "Whether the lean small-input path applies"
-    return (weight is None and x.dim() == 2 and not target.is_floating_point() and x.numel() <= _MIN_BLOCK
-            and not _is_compiling())
+    return (weight is None and prior is None and eps.dim() == 0 and x.dim() == 2 and not target.is_floating_point()
+            and x.numel() <= _MIN_BLOCK and not _is_compiling())
 
 def _xlogx(t:float) -> float: return t * math.log(t) if t > 0 else 0.
 
@@ -314,7 +408,7 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
         denom = v.sum().clamp_min(1) if reduction == 'mean' else None
         ctx.save_for_backward(x, target, safe, v, denom)
         ctx.meta = reduction, a, b
-        _keep_spec(ctx, eps, None, ignore_index, reduction, variant)
+        _keep_spec(ctx, eps, None, ignore_index, reduction, variant, None)
         if reduction == 'none': return loss
         return loss.sum() if reduction == 'sum' else loss.sum() / denom
 
@@ -330,30 +424,32 @@ class _SmallLabelSmoothingCEFn(torch.autograd.Function):
         return p.to(x.dtype), None, None, None, None, None
 
 # %% ../nbs/00_losses.ipynb #198fd7b1
-def _differentiable_loss(x, target, eps:Tensor, weight, ignore_index, reduction, variant):
+def _differentiable_loss(x, target, eps:Tensor, weight, ignore_index, reduction, variant, prior=None):
     "The loss in ordinary differentiable torch ops, for the gradients the fused paths do not compute"
     ct, k, nd = _compute_dtype(x), x.shape[1], x.dim()
     logp = torch.log_softmax(x.to(ct), 1)
-    a, b = _coefs(eps.to(ct), k, variant)
+    beta = _beta(eps.to(ct), k, variant)
     w = None if weight is None else weight.to(x.device, ct)
+    u = None if prior is None else prior.to(x.device, ct)
     if target.is_floating_point():
-        q, c = _soft_coefs(target.to(ct), a, b, w, nd)
+        q, c = _soft_coefs(target.to(ct), beta, u, w, nd)
         loss = -(c * logp).sum(1)
         if variant == 'kl': loss = loss + torch.xlogy(c, q).sum(1)
         denom = loss.new_tensor(float(loss.numel()))
     else:
-        safe, v, r, W = _hard_terms(target, w, ignore_index, k, ct)
+        safe, v, r, _ = _hard_terms(target, w, ignore_index, k, ct)
+        wu, s0, s1, uy = _spread_terms(u, safe, w, k, nd, variant == 'kl')
         logp_y = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
-        logp_sum = logp.sum(1) if w is None else (logp * _cls_view(w, nd)).sum(1)
-        ar, bv = a * r, b * v   # as in the fused paths: a zero coefficient never meets a -inf log-probability
+        logp_sum = logp.sum(1) * wu if isinstance(wu, float) else (logp * wu).sum(1)
+        ar, bv = (1 - beta) * r, beta * v   # as in the fused paths: a zero coefficient never meets a -inf log-probability
         loss = -(torch.where(ar != 0, ar * logp_y, 0.) + torch.where(bv != 0, bv * logp_sum, 0.))
-        if variant == 'kl': loss = loss + r * torch.xlogy(a + b, a + b) + (W * v - r) * torch.xlogy(b, b)
+        if variant == 'kl': loss = loss + _target_entropy(beta, r, v, s0, s1, uy)
         denom = r.sum()
     return _reduce(loss, reduction, denom)
 
-def _keep_spec(ctx, eps, weight, ignore_index, reduction, variant):
+def _keep_spec(ctx, eps, weight, ignore_index, reduction, variant, prior):
     "What a double backward needs to rebuild the loss; ε is copied, since `AnnealSmoothing` changes it in place"
-    ctx.spec = eps.detach().clone(), weight, ignore_index, reduction, variant
+    ctx.spec = eps.detach().clone(), weight, ignore_index, reduction, variant, prior
 
 def _grad_with_graph(ctx, x, target, grad_out) -> Tensor:
     "The input's gradient as a differentiable function of `x` and `grad_out` (backward with `create_graph=True`)"
@@ -362,38 +458,39 @@ def _grad_with_graph(ctx, x, target, grad_out) -> Tensor:
         return torch.autograd.grad(loss, x, grad_out, create_graph=True)[0]
 
 # %% ../nbs/00_losses.ipynb #692500a7
-def _needs_autograd(target, eps, weight) -> bool:
+def _needs_autograd(target, eps, weight, prior) -> bool:
     "Whether the loss must be built from `_differentiable_loss`: a `torch.func` transform, or a gradient wanted beyond the input's"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target, eps, weight)): return True
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target, eps, weight, prior)): return True
     return not _is_compiling() and torch._C._are_functorch_transforms_active()
 
-def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant, check_weight=True):
+def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant, prior=None, check_params=True):
     if isinstance(input, Tensor) and input.dim() == 1 and isinstance(target, Tensor):   # unbatched (C,), as torch allows
         if target.shape != (input.shape if target.is_floating_point() else ()):
             raise ValueError(f"with unbatched input of shape {tuple(input.shape)}, the target must be one class index "
                              f"(shape ()) or a probability row of shape {tuple(input.shape)}; got shape {tuple(target.shape)}")
-        loss = _label_smoothing_ce(input[None], target[None], eps, weight, ignore_index, reduction, variant, check_weight)
+        loss = _label_smoothing_ce(input[None], target[None], eps, weight, ignore_index, reduction, variant, prior, check_params)
         return loss[0] if reduction == 'none' else loss
-    target = _check_inputs(input, target, weight, ignore_index, reduction, variant, check_weight)
-    if _needs_autograd(target, eps, weight):
-        return _differentiable_loss(input, target, eps, weight, ignore_index, reduction, variant)
-    if _use_kernels(input, target):
+    target = _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params)
+    if _needs_autograd(target, eps, weight, prior):
+        return _differentiable_loss(input, target, eps, weight, ignore_index, reduction, variant, prior)
+    if _use_kernels(input, target, eps, prior):
         return _LabelSmoothingCEKernelFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
-    if _small_rows(input, target, weight):
+    if _small_rows(input, target, eps, weight, prior):
         return _SmallLabelSmoothingCEFn.apply(input, target, eps, ignore_index, reduction, variant)
-    return _LabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
+    return _LabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant, prior)
 
 def label_smoothing_ce(
     input:Tensor, # Logits of shape (N, C) or (N, C, d1, ...): classes on dim 1, like `F.cross_entropy`; or unbatched (C,)
     target:Tensor, # Class indices of shape (N,) or (N, d1, ...), or class probabilities of the input's shape
-    eps:float|Tensor=0.1, # Smoothing in [0, 1): a float, or a tensor or array with one element
+    eps:float|Tensor=0.1, # Smoothing in [0, 1): a float, a tensor or array with one element, or a float tensor with one ε per position (shape (N, d1, ...))
     weight:Tensor|None=None, # Per-class weights of shape (C,), finite and non-negative, as in `F.cross_entropy`
     ignore_index:int=-100, # Class-index target value that contributes nothing, not even to the 'mean' denominator
     reduction:str='mean', # 'none' | 'mean' | 'sum'
     variant:str='uniform', # 'uniform' (eps/K on every class) | 'others' (eps/(K-1) on the other classes) | 'kl' (uniform, minus the target entropy)
+    prior:Tensor|None=None, # Where the smoothing mass goes instead of uniformly: a (C,) distribution, or a (C, C) matrix whose row y is label y's
 ) -> Tensor: # float32 for half inputs, the input's dtype otherwise
     "Label-smoothing cross-entropy with `F.cross_entropy(..., label_smoothing=eps)` semantics, without materialising `log_softmax`"
-    return _label_smoothing_ce(input, target, _eps_arg(eps), weight, ignore_index, reduction, variant)
+    return _label_smoothing_ce(input, target, _eps_arg(eps), weight, ignore_index, reduction, variant, prior)
 
 # %% ../nbs/00_losses.ipynb #176b8332
 class LabelSmoothingCE(nn.Module):
@@ -405,6 +502,7 @@ class LabelSmoothingCE(nn.Module):
         ignore_index:int=-100, # Class-index target value that contributes nothing
         reduction:str='mean', # 'none' | 'mean' | 'sum'
         variant:str='uniform', # 'uniform' | 'others' | 'kl', see the table above
+        prior:Tensor|None=None, # Where the smoothing mass goes: a (C,) distribution or a (C, C) row-stochastic matrix; settable later through `.prior`
     ):
         super().__init__()
         _check_choice('reduction', reduction, _reductions)
@@ -413,12 +511,18 @@ class LabelSmoothingCE(nn.Module):
         store_attr('ignore_index,reduction,variant')
         self.register_buffer('eps_t', torch.tensor(_check_eps(eps), dtype=torch.float64))
         self.register_buffer('weight', weight)
+        self.register_buffer('prior_t', None)
+        self.prior = prior
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint is input like any other: a bad ε or weight is refused, not used to compute a wrong loss
         eps, weight = state_dict.get(prefix + 'eps_t'), state_dict.get(prefix + 'weight')
         if eps is not None: _check_eps(eps)
         _check_weight(weight)
+        prior = state_dict.get(prefix + 'prior_t')
+        _check_prior(prior, variant=self.variant)
+        # a prior learned since this loss was made (`OnlineLabelSmoothing`): take it, rather than call it unexpected
+        if prior is not None and self.prior_t is None: self.prior_t = torch.empty_like(prior)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
@@ -436,10 +540,20 @@ class LabelSmoothingCE(nn.Module):
     @eps.setter
     def eps(self, value): self.eps_t.fill_(_check_eps(value))
 
+    @property
+    def prior(self) -> Tensor|None:
+        "Where the smoothing mass goes: None (uniform), a (C,) distribution or a (C, C) row-stochastic matrix"
+        return self.prior_t
+
+    @prior.setter
+    def prior(self, value):
+        _check_prior(value, variant=self.variant)   # once here, so that no batch pays for a device sync
+        self.prior_t = value
+
     def forward(self, input:Tensor, target:Tensor) -> Tensor:
-        # the weight's values were checked in __init__: no need for a device sync every batch
+        # the weight's and the prior's values were checked when set: no device sync every batch
         return _label_smoothing_ce(input, target, self.eps_t, self.weight, self.ignore_index, self.reduction, self.variant,
-                                   check_weight=False)
+                                   self.prior_t, check_params=False)
 
     def activation(self, x:Tensor) -> Tensor:
         "Softmax over the class dim: what `Learner.get_preds` returns"
@@ -450,7 +564,8 @@ class LabelSmoothingCE(nn.Module):
         return x.argmax(dim=1)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps:g}, variant={self.variant!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        prior = '' if self.prior_t is None else f", prior={tuple(self.prior_t.shape)}"
+        return f"eps={self.eps:g}, variant={self.variant!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}{prior}"
 
 # %% ../nbs/00_losses.ipynb #2ccb1801
 @delegates(LabelSmoothingCE)
@@ -464,6 +579,12 @@ class LabelSmoothingCEFlat(BaseLoss):
 
     @eps.setter
     def eps(self, value): self.func.eps = value
+
+    @property
+    def prior(self) -> Tensor|None: return self.func.prior
+
+    @prior.setter
+    def prior(self, value): self.func.prior = value
 
     def __call__(self, inp:Tensor, targ:Tensor, **kwargs) -> Tensor:
         if not (isinstance(targ, Tensor) and targ.is_floating_point()): return super().__call__(inp, targ, **kwargs)
@@ -483,22 +604,28 @@ def smooth_targets(
     eps:float=0.1, # Smoothing in [0, 1)
     variant:str='uniform', # 'uniform'/'kl': eps/C everywhere; 'others': eps/(C-1) on the other classes
     ignore_index:int=-100, # Class-index value whose row becomes all zeros
+    prior:Tensor|None=None, # Where the smoothing mass goes instead: a (C,) distribution or a (C, C) row-stochastic matrix
 ) -> Tensor: # Float probability rows of shape (N, C, d1, ...)
-    "Smoothed probability targets: `(1-eps)*onehot + eps/C` (or `eps/(C-1)` on the others for `variant='others'`)"
+    "Smoothed probability targets: `(1-eps)*onehot + eps*U[y]`, U uniform (`eps/(C-1)` on the others for `variant='others'`) or the `prior`"
     _check_choice('variant', variant, _variants)
     if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral):
         raise TypeError(f"n_classes must be an integer; got {n_classes!r}")
     if n_classes < 2: raise ValueError(f"label smoothing needs at least 2 classes; got n_classes={n_classes}")
-    a, b = _coefs(_check_eps(eps), n_classes, variant)
+    _check_prior(prior, n_classes, variant)
+    beta = _beta(_check_eps(eps), n_classes, variant)
     if target.is_floating_point():
         if target.dim() < 2 or target.shape[1] != n_classes:
             raise ValueError(f"probability targets must have n_classes={n_classes} on dim 1; got shape {tuple(target.shape)}")
-        return target * a + b
+        if prior is not None and prior.dim() == 2:
+            raise ValueError("a (C, C) prior picks the row of each target class: it needs class-index targets")
+        return _soft_coefs(target, beta, None if prior is None else prior.to(target), None, target.dim())[0]
     if target.dtype == torch.bool or target.is_complex():   # as in the loss: a mask is not a class index
         raise TypeError(f"class-index targets must be an integer tensor; got {target.dtype}")
     target = target.long()   # so that ignore_index=-100 cannot wrap to a valid uint8 class
     keep = target != ignore_index
     bad = keep & ((target < 0) | (target >= n_classes))
     if bool(bad.any()): raise ValueError(f"target contains class {target[bad][0].item()}, outside [0, {n_classes})")
-    onehot = F.one_hot(torch.where(keep, target, 0), int(n_classes)).movedim(-1, 1).float()
-    return (onehot * a + b) * keep.unsqueeze(1)
+    safe = torch.where(keep, target, 0)
+    onehot = F.one_hot(safe, int(n_classes)).movedim(-1, 1).float()
+    spread = _spread_terms(None if prior is None else prior.float(), safe, None, n_classes, onehot.dim())[0]
+    return (onehot * (1 - beta) + beta * spread) * keep.unsqueeze(1)

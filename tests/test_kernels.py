@@ -10,6 +10,7 @@ SCRIPT = textwrap.dedent('''
     import fastai_ls.losses as L
     from fastai_ls.losses import label_smoothing_ce
     torch.manual_seed(0)
+    ONE_EPS = torch.tensor(0.1)
     cases = 0
     for n, k in [(5, 3), (9, 37), (4, 5000)]:
         for dtype in (torch.float32, torch.bfloat16):
@@ -19,7 +20,7 @@ SCRIPT = textwrap.dedent('''
                         x = (torch.randn(n, k) * 3).to(dtype).requires_grad_()
                         y = torch.randint(0, k, (n,)); y[1] = -100
                         w = torch.rand(k) + 0.1 if weighted else None
-                        assert L._use_kernels(x, y)
+                        assert L._use_kernels(x, y, ONE_EPS, None)
                         loss = label_smoothing_ce(x, y, 0.2, weight=w, reduction=reduction, variant=variant)
                         (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum().backward()
                         L.kernels.triton = None   # the same call again, on the blockwise torch path
@@ -43,7 +44,7 @@ SCRIPT = textwrap.dedent('''
         torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-7); x.grad = None
     # -inf logits, including a whole 4096-wide block of them, at eps = 0 and in an ignored row: finite, like torch
     x = torch.randn(3, 5000); x[:, :4096] = float('-inf'); y = torch.tensor([4500, 4999, -100])
-    assert L._use_kernels(x, y)
+    assert L._use_kernels(x, y, ONE_EPS, None)
     torch.testing.assert_close(label_smoothing_ce(x, y, 0., reduction='none'), F.cross_entropy(x, y, reduction='none'))
     # variant='others' at eps = (K-1)/K has no weight on x_y itself: a -inf target logit gives inf (q_y > 0), not NaN
     x = torch.randn(2, 4); x[0, 1] = float('-inf'); y = torch.tensor([1, 2])
@@ -56,7 +57,7 @@ SCRIPT = textwrap.dedent('''
     # uint8 targets: -100 must not wrap to class 156 (before the fix the kernel read column 156 of each ignored row)
     x = torch.randn(4, 200); y = torch.tensor([156, 3, 156, 199])
     for yy, ii in ((y.to(torch.uint8), -100), (torch.tensor([156, -100, 2, 1], dtype=torch.int16), -100)):
-        assert L._use_kernels(x, yy.long())
+        assert L._use_kernels(x, yy.long(), ONE_EPS, None)
         torch.testing.assert_close(label_smoothing_ce(x, yy, 0.1, reduction='none'),
                                    F.cross_entropy(x, yy.long(), label_smoothing=0.1, reduction='none', ignore_index=ii))
     # shifted logits keep float32 precision in the loss and the gradient (the kernels work relative to the row max)
@@ -81,6 +82,10 @@ SCRIPT = textwrap.dedent('''
         g, = torch.autograd.grad(f(x), x, create_graph=True)
         hv.append(torch.autograd.grad((g * v).sum(), x)[0])
     torch.testing.assert_close(hv[0], hv[1], rtol=1e-4, atol=1e-6)
+    # a prior or one ε per position takes the blockwise path, on a GPU too
+    x = torch.randn(6, 9); y = torch.randint(0, 9, (6,)); P = torch.softmax(torch.randn(9, 9), 1)
+    assert not L._use_kernels(x, y, ONE_EPS, P) and not L._use_kernels(x, y, torch.full((6,), 0.1), None)
+    assert type(label_smoothing_ce(x.requires_grad_(), y, 0.1, prior=P).grad_fn).__name__ == '_LabelSmoothingCEFnBackward'
     print('cases', cases)
 ''')
 

@@ -232,7 +232,7 @@ def test_smooth_targets_nd_and_errors():
 
 @pytest.mark.parametrize('bad, match', [
     (dict(eps=float('nan')), 'outside \\[0, 1\\)'),
-    (dict(eps=torch.tensor([0.1, 0.2])), 'one real element; got a tensor of shape \\(2,\\)'),
+    (dict(eps=torch.tensor([0.1, 0.2])), 'one value per position, of shape \\(3,\\); got shape \\(2,\\)'),
     (dict(target=torch.tensor([0, 1, 5])), 'class 5, outside \\[0, 4\\) for C=4'),
     (dict(target=torch.tensor([0., 1., 2.])), "input's shape \\(3, 4\\)"),
     (dict(target=torch.tensor([[0, 1, 2]])), 'must have shape \\(3,\\)'),
