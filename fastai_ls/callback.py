@@ -10,9 +10,8 @@ import functools
 from typing import Callable
 import matplotlib.pyplot as plt
 from torch._dynamo.eval_frame import OptimizedModule
-from fastcore.basics import store_attr
-from fastai.callback.core import (Callback, CancelBatchException, CancelBackwardException, CancelStepException,
-    CancelTrainException, CancelValidException, CancelEpochException, CancelFitException)
+from fastcore.basics import store_attr, noop
+from fastai.callback.core import Callback
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp
 from fastai.learner import Recorder, Metric
 from fastai.losses import BaseLoss
@@ -98,9 +97,6 @@ def _find_eps_loss(loss_func):
                     f"fastai's LabelSmoothingCrossEntropy, ...); found {found}. Use such a loss, or pass `loss=`.")
 
 # %% ../nbs/01_callback.ipynb #49038cb9
-_cancel_exceptions = (CancelBatchException, CancelBackwardException, CancelStepException, CancelTrainException,
-                      CancelValidException, CancelEpochException, CancelFitException)
-
 def _checked(eps, pct) -> float:
     "A schedule's output as a float in [0, 1), or an error naming the value and the training progress"
     try: e = float(eps)
@@ -127,11 +123,21 @@ class _EpsColumn(Metric):
     @property
     def name(self): return 'eps'
 
+class _FitBracket:
+    "`learn._with_events` while an `AnnealSmoothing` is attached: puts the `finally` that fastai lacks around each fit"
+    def __init__(self, cb, learn, prev): self.cb,self.learn,self.prev = cb,learn,prev # prev: what it stands in for, if set on `learn`
+    def _call(self, *args): return self.prev(*args) if self.prev else type(self.learn)._with_events(self.learn, *args)
+    def __call__(self, f, event_type, ex, final=noop):
+        if event_type != 'fit': return self._call(f, event_type, ex, final)
+        self.cb._in_fit = True
+        try: return self._call(f, event_type, ex, final)
+        finally: self.cb._fit_ended()
+
 # %% ../nbs/01_callback.ipynb #fc48b71e
 class AnnealSmoothing(Callback):
     "Set the label-smoothing ε of the learner's loss to `sched(pct_train)` before every training batch"
     order,run_valid = Recorder.order-1,False
-    _stateattrs = ('eps_loss','hps') # per-fit state, left out of `learn.export()`
+    _stateattrs = ('hps','_in_fit') # left out of `learn.export()`: the history, and whether a fit is running
 
     def __init__(self,
         sched:Callable|str, # fastai scheduler (`SchedCos`, `combine_scheds`, ...), any callable pct → ε, or a name in `EPS_SCHEDULES`
@@ -142,78 +148,108 @@ class AnnealSmoothing(Callback):
         self.sched = _get_sched(sched)
         store_attr('valid_eps,show_eps')
         if valid_eps is not None: self.valid_eps = _check_eps_arg('valid_eps', valid_eps)
-        self._loss, self._ctx, self._col = loss, None, None
+        self._loss = loss
+        self._fit = None   # (loss, its ε before the fit, the `eps` column) from `before_fit` to the end of the fit
+        self._saved = None # (loss, its ε before) during a `validate`/`get_preds`
         self._init_state()
 
-    def _init_state(self): self.eps_loss, self.hps = None, {'eps': []}
+    def _init_state(self): self.hps, self._in_fit = {'eps': []}, False
 
-    def _begin(self, ctx):
-        "Find the loss, remember its ε, and guard the learner against exceptions that fastai does not handle"
-        self.eps_loss = _find_eps_loss(self.learn.loss_func if self._loss is None else self._loss)
-        self._eps0 = self._train_eps = float(self.eps_loss.eps)
-        self._prev_we = self.learn.__dict__.get('_with_events')
-        self.learn._with_events = self._guard(self.learn._with_events)
-        self._ctx = ctx
+    @property
+    def learn(self): return self.__dict__.get('_learn')
 
-    def _end(self):
-        "Put back ε, the metrics and `_with_events` as they were before `_begin`; safe to call more than once"
-        if self._ctx is None: return
-        self._ctx = None
-        if self._prev_we is None: self.learn.__dict__.pop('_with_events', None)
-        else: self.learn._with_events = self._prev_we
-        if self._col is not None:
-            self.learn.metrics = [m for m in self.learn.metrics if m is not self._col]
-            self._col = None
-        self.eps_loss.eps = self._eps0
+    @learn.setter
+    def learn(self, learn):
+        "Set by fastai's `add_cb` (a `Learner`) and `remove_cb` (None): one `AnnealSmoothing` per `Learner`, fits bracketed"
+        other = None if learn is None else next((cb for cb in learn.cbs if isinstance(cb, AnnealSmoothing)), None)
+        if other is not None:
+            raise ValueError(f"this Learner already has an AnnealSmoothing (`learn.{other.name}`); a second one would set the "
+                             f"same ε and add a second `eps` column. To change the schedule, remove the first with "
+                             f"`learn.remove_cb(learn.{other.name})`.")
+        old = self.learn
+        if old is not None:
+            self._restore()
+            b = old.__dict__.get('_with_events')
+            if isinstance(b, _FitBracket) and b.cb is self:
+                if b.prev is None: del old.__dict__['_with_events']
+                else: old._with_events = b.prev
+        self.__dict__['_learn'] = learn
+        if learn is not None: learn._with_events = _FitBracket(self, learn, learn.__dict__.get('_with_events'))
 
-    def _guard(self, with_events):
-        "Wrap `Learner._with_events`: anything but fastai's own cancellations restores the state, then propagates"
-        @functools.wraps(with_events)
-        def _inner(*args, **kwargs):
-            try: return with_events(*args, **kwargs)
-            except _cancel_exceptions: raise
-            except BaseException: self._end(); raise
-        return _inner
+    def _in_loop(self) -> bool:
+        "Whether the event comes from the loop of a fit this callback runs, not from a `validate`/`get_preds`/`tta`"
+        # fastai holds `learn.lock` for the whole of every `validate` and `get_preds`, never in a fit's own loop
+        return self._fit is not None and self._in_fit and not self.learn.lock.locked()
+
+    def _eps_loss(self):
+        "The loss holding ε: the fit's, or the one found now"
+        if self._fit is not None: return self._fit[0]
+        return _find_eps_loss(self.learn.loss_func if self._loss is None else self._loss)
+
+    def _restore_valid(self):
+        "Give the loss back the ε it had before a `validate`/`get_preds`"
+        if self._saved is None: return
+        (loss, eps), self._saved = self._saved, None
+        loss.eps = eps
+
+    def _restore(self):
+        "Undo everything: a validation's ε, the fit's ε and its `eps` column; safe to call at any time"
+        self._restore_valid()
+        if self._fit is None: return
+        (loss, eps0, col), self._fit = self._fit, None
+        if col is not None: self.learn.metrics = [m for m in self.learn.metrics if m is not col]
+        loss.eps = eps0
+
+    def _fit_ended(self):
+        "Called by `_FitBracket` when a fit ends, whichever way it ends"
+        self._in_fit, self.run = False, True   # `run` too: an `lr_find` that raised must not leave us off
+        self._restore()
 
     def before_fit(self):
-        "Find the loss, remember its ε and add the `eps` column; stay out of `lr_find`"
-        # a later callback's `before_fit` may have raised in the previous fit, after `_begin` and before our guard
-        # was in the call chain: undo what that fit left behind first
-        self._end()
+        "Find the loss, remember its ε and add the `eps` column; stay out of `lr_find`, and never fail in `validate`/`get_preds`"
+        if self._in_fit and self.learn.lock.locked(): return   # a `validate`/`get_preds` inside a fit: leave the fit alone
+        # a fit starts, or a `validate`/`get_preds` outside a fit: nothing of ours may be in effect, yet a Learner exported
+        # in the middle of a fit, or a `get_preds(inner=True)` that raised, leaves something to undo
+        self._restore()
+        if not self._in_fit: return   # `validate`/`get_preds`/`tta`: an exception here would leave `learn.lock` held
         self.run = not hasattr(self.learn, 'lr_finder')
         if not self.run: return
-        self._begin('fit')
+        loss = self._eps_loss()
+        self._train_eps = eps0 = float(loss.eps)
         self.hps = {'eps': []}
-        if self.show_eps:
-            self._col = _EpsColumn(self)
-            self.learn.metrics = self.learn.metrics + [self._col]
+        col = _EpsColumn(self) if self.show_eps else None
+        if col is not None: self.learn.metrics = self.learn.metrics + [col]
+        self._fit = (loss, eps0, col)
 
     def before_batch(self):
         "Set ε for this training batch and record it"
+        if self._fit is None: return   # added while a fit was running: from the next fit on
         pct = self.learn.pct_train
         eps = _checked(self.sched(pct), pct)
-        if eps != self._train_eps: self.eps_loss.eps = eps
-        self._train_eps = eps
+        self._fit[0].eps = self._train_eps = eps
         self.hps['eps'].append(eps)
 
     def before_validate(self):
-        "Use `valid_eps` for the validation loss (outside a fit too: `validate`, `get_preds`)"
+        "Use `valid_eps` for the validation loss: in a fit, and in `validate`/`get_preds` (remembering the ε to restore)"
+        if not self._in_fit: self._restore()
         if self.valid_eps is None: return
-        if self._ctx is None: self._begin('validate')
-        self.eps_loss.eps = self.valid_eps
+        loss = self._eps_loss()
+        if not self._in_loop(): self._saved = (loss, float(loss.eps))
+        loss.eps = self.valid_eps
 
     def after_validate(self):
-        "Back to the training ε, or to the ε from before a validation outside a fit"
-        if self._ctx == 'validate': self._end()
-        elif self._ctx == 'fit' and self.valid_eps is not None: self.eps_loss.eps = self._train_eps
+        "Back to the training ε, or to the ε from before a `validate`/`get_preds`"
+        if self._in_loop(): self._fit[0].eps = self._train_eps
+        else: self._restore_valid()
 
     def after_cancel_epoch(self):
         "An epoch cancelled during validation skips `after_validate`: back to the training ε all the same"
         self.after_validate()
 
     def after_fit(self):
-        "Restore the loss's ε and the learner; `hps` keeps the history"
-        self._end()
+        "Restore the loss's ε and the metrics; after a `validate`/`get_preds`, also one that raised, the ε from before it"
+        if self._in_loop(): self._restore()
+        else: self._restore_valid()
 
     def plot_sched(self,
         ax=None, # Matplotlib axes to draw on; None makes a new figure

@@ -1,5 +1,5 @@
 "Tests of `AnnealSmoothing` with real fastai `Learner`s on real data (sklearn digits, the pet sample)"
-import math, pickle
+import math, pickle, threading
 import cloudpickle, pytest, torch, torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -18,7 +18,7 @@ from fastai.metrics import accuracy
 from fastai.vision.all import ImageDataLoaders, Resize, get_image_files, resnet18, vision_learner
 from fastai_ls.losses import LabelSmoothingCE, LabelSmoothingCEFlat
 from fastai_ls.callback import *
-from fastai_ls.callback import _find_eps_loss
+from fastai_ls.callback import _find_eps_loss, _FitBracket
 from conftest import digits_dls
 
 EPS0 = 0.05  # the loss's own ε: whatever a fit does, it must be back to this afterwards
@@ -57,10 +57,25 @@ class Spy(Callback):
     def eps(self): return [r[1] for r in self.rows]
 
 def check_clean(learn, loss):
-    "The state after any fit: ε back, no `eps` column, no wrapper left on the learner"
+    "The state after any fit: ε back, no `eps` column, nothing on the learner but the fit bracket of an attached callback"
     assert _find_eps_loss(loss).eps == EPS0
     assert 'eps' not in learn.metrics.attrgot('name')
-    assert '_with_events' not in learn.__dict__
+    attached = [cb for cb in learn.cbs if isinstance(cb, AnnealSmoothing)]
+    we = learn.__dict__.get('_with_events')
+    if attached: assert isinstance(we, _FitBracket) and we.cb is attached[0] and we.prev is None
+    else: assert we is None
+
+def within(f, seconds=60):
+    "`f()` in a thread: its result, or its exception re-raised; still running after `seconds` is a failure, not a hang"
+    res = {}
+    def run():
+        try: res['value'] = f()
+        except BaseException as e: res['error'] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start(); t.join(seconds)
+    if t.is_alive(): pytest.fail(f"still running after {seconds}s: a deadlock")
+    if 'error' in res: raise res['error']
+    return res['value']
 
 # ---------------------------------------------------------------- schedules
 
@@ -155,9 +170,23 @@ def test_explicit_loss_overrides_search():
     assert inner.eps == EPS0
 
 def test_no_eps_loss_is_a_clear_error():
+    "Every time, in `fit`, `validate`, `get_preds` and `predict`, and never with `learn.lock` left held (the next call would hang)"
     learn = mk_learner(CrossEntropyLossFlat(), cbs=AnnealSmoothing('cos'))
-    with pytest.raises(TypeError, match='found CrossEntropyLossFlat wrapping CrossEntropyLoss'): learn.fit(1)
-    assert '_with_events' not in learn.__dict__
+    msg = 'found CrossEntropyLossFlat wrapping CrossEntropyLoss'
+    for call in (learn.get_preds, learn.get_preds, learn.validate, lambda: learn.predict(learn.dls.valid_ds.items[0]),
+                 lambda: learn.fit(1), learn.get_preds):
+        with pytest.raises(TypeError, match=msg): within(call)
+    assert not learn.lock.locked() and learn.logger is print and learn.create_mbar
+    learn.remove_cb(learn.anneal_smoothing)
+    preds, targs = within(learn.get_preds)
+    assert preds.shape == (len(learn.dls.valid_ds), 10)
+
+def test_no_eps_loss_without_valid_eps():
+    "`valid_eps=None` leaves validation alone: no loss is needed outside a fit"
+    learn = mk_learner(CrossEntropyLossFlat(), cbs=AnnealSmoothing('cos', valid_eps=None))
+    xv, yv = valid_tensors(learn)
+    with torch.no_grad(): assert within(learn.validate)[0] == pytest.approx(F.cross_entropy(learn.model.eval()(xv), yv).item(), rel=1e-5)
+    with pytest.raises(TypeError, match='found CrossEntropyLossFlat'): learn.fit(1)
 
 # ---------------------------------------------------------------- validation, table, history
 
@@ -240,19 +269,41 @@ def test_state_restored(exc, phase):
         assert h == pytest.approx([cos_ref(0.2, 0.)(p) for p in pcts], abs=1e-9)
         assert end.eps == [h[len(pcts) - n - 1], h[-1]]
 
-class RaiseBeforeFit(Callback):
-    "A later callback whose `before_fit` fails, after `AnnealSmoothing.before_fit` has run"
-    order = 55
-    def before_fit(self): raise RuntimeError('injected in before_fit')
+def raising(event, order):
+    "A callback of `order` whose `event` raises a RuntimeError"
+    def f(self): raise RuntimeError(f'injected in {event}')
+    return type('Raising', (Callback,), {'order': order, event: f})()
 
-def test_failure_in_a_later_before_fit_is_cleaned_up():
+def check_loaded(learn2, learn):
+    "`learn2`, loaded from a file `learn` exported: `validate` (twice: no lock left held) and `predict` work, and clean up"
+    xv, yv = valid_tensors(learn)
+    with torch.no_grad(): nll = F.cross_entropy(learn2.model.eval()(xv), yv).item()
+    for _ in range(2): assert within(lambda: learn2.validate(dl=learn.dls.valid)) == [pytest.approx(nll, rel=1e-5)]
+    assert 'eps' not in learn2.recorder.metric_names
+    check_clean(learn2, learn2.loss_func)
+    assert within(lambda: learn2.predict(learn.dls.valid_ds.items[0]))[2].shape == (10,)
+    check_clean(learn2, learn2.loss_func)
+
+@pytest.mark.parametrize('mk_bad,exc', [
+    (lambda: raising('before_fit', 55), RuntimeError),   # after AnnealSmoothing's `before_fit`
+    (lambda: EarlyStoppingCallback(monitor='acuracy'), Exception),   # fastai's bare `assert` on the column, mangled by fastai
+    (lambda: raising('after_fit', 0), RuntimeError),     # before AnnealSmoothing's `after_fit`
+    (lambda: raising('after_fit', 90), RuntimeError),
+    (lambda: [raising('after_cancel_fit', 0), Raise(CancelFitException, 'train')], RuntimeError)],
+    ids=['before_fit', 'tracker_before_fit', 'after_fit_early', 'after_fit_late', 'after_cancel_fit'])
+def test_another_callback_failing_where_fastai_calls_nothing_after(mk_bad, exc, tmp_path):
+    "ε, the column and the learner as they were, at once; the Learner, exported in that state too, still works"
     loss = LabelSmoothingCE(EPS0)
-    learn = mk_learner(loss, cbs=[AnnealSmoothing('cos'), bad := RaiseBeforeFit()])
-    with pytest.raises(RuntimeError, match='injected'): learn.fit(1)
-    learn.remove_cb(bad)
-    learn.fit(1)
+    learn = mk_learner(loss, cbs=(cb := AnnealSmoothing(eps_cos(0.2, 0.))), path=tmp_path)
+    learn.add_cbs(bad := mk_bad())
+    with pytest.raises(exc): learn.fit(1)
     check_clean(learn, loss)
-    assert learn.recorder.metric_names.count('eps') == 1
+    learn.remove_cbs(bad)
+    learn.export('m.pkl')
+    check_loaded(load_learner(tmp_path/'m.pkl'), learn)
+    learn.fit(1)
+    assert learn.recorder.metric_names.count('eps') == 1 and len(cb.hps['eps']) == n_iter(learn)
+    check_clean(learn, loss)
 
 def test_keyboard_interrupt_in_standalone_validate():
     learn = mk_learner(cbs=[AnnealSmoothing('cos'), Raise(KeyboardInterrupt, 'valid')])
@@ -266,8 +317,212 @@ def test_export_is_clean(tmp_path):
     learn.export('m.pkl')
     learn2 = load_learner(tmp_path/'m.pkl')
     assert isinstance(learn2.loss_func, LabelSmoothingCE) and learn2.loss_func.eps == EPS0
-    assert learn2.anneal_smoothing.hps == {'eps': []} and learn2.anneal_smoothing.eps_loss is None
+    assert learn2.anneal_smoothing.hps == {'eps': []}
     assert learn2.loss_func.eps_t.dtype == torch.float64
+    check_clean(learn2, learn2.loss_func)
+
+class ExportMidFit(Callback):
+    "Export the learner in the middle of the first epoch's training, or at its end"
+    order = 90
+    def __init__(self, when): self.when = when
+    def after_batch(self):
+        if self.when == 'batch' and self.training and self.epoch == 0 and self.iter == 5: self.learn.export('mid.pkl')
+    def after_epoch(self):
+        if self.when == 'epoch' and self.epoch == 0: self.learn.export('mid.pkl')
+
+@pytest.mark.parametrize('when,first_use', [('batch', 'validate'), ('epoch', 'validate'), ('epoch', 'fit')])
+def test_export_in_the_middle_of_a_fit(when, first_use, tmp_path):
+    "The file holds the fit's ε and `eps` column, which the loaded Learner undoes on its first use"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[AnnealSmoothing(eps_cos(0.2, 0.)), spy := Spy(loss, cos_ref(0.2, 0.)), ExportMidFit(when)],
+                       path=tmp_path)
+    learn.fit(1)   # 'epoch' exports in its last `after_epoch`: still inside the fit
+    assert len(spy.rows) == n_iter(learn) and spy.eps == pytest.approx([cos_ref(0.2, 0.)(p) for p in spy.pcts], abs=1e-12)   # undisturbed
+    check_clean(learn, loss)
+    learn2 = load_learner(tmp_path/'mid.pkl')
+    assert learn2.loss_func.eps != EPS0 and 'eps' in learn2.metrics.attrgot('name')   # what the file holds
+    learn2.remove_cbs([learn2.spy, learn2.export_mid_fit])
+    learn2.dls = learn.dls
+    if first_use == 'fit':
+        learn2.fit(1, cbs=(spy2 := Spy(learn2.loss_func)))
+        assert learn2.recorder.metric_names.count('eps') == 1
+        assert spy2.eps == pytest.approx([cos_ref(0.2, 0.)(p) for p in expected_pcts(n_iter(learn), 1)], abs=1e-12)
+    check_loaded(learn2, learn)
+    learn2.fit(1)
+    assert len(learn2.anneal_smoothing.hps['eps']) == n_iter(learn)
+    check_clean(learn2, learn2.loss_func)
+
+# ---------------------------------------------------------------- one per learner; validation inside and outside a fit
+
+def test_one_anneal_smoothing_per_learner():
+    "A second one is refused when it is added, and the Learner is left as it was"
+    msg = r'already has an AnnealSmoothing \(`learn.anneal_smoothing`\)'
+    with pytest.raises(ValueError, match=msg): mk_learner(cbs=[AnnealSmoothing('cos'), AnnealSmoothing('linear')])
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=(first := AnnealSmoothing(eps_cos(0.2, 0.))))
+    n_cbs = len(learn.cbs)
+    for add in (lambda: learn.add_cb(AnnealSmoothing('linear')), lambda: learn.add_cb(first),
+                lambda: learn.fit(1, cbs=AnnealSmoothing('linear'))):
+        with pytest.raises(ValueError, match=msg): add()
+        assert len(learn.cbs) == n_cbs and learn.anneal_smoothing is first
+        check_clean(learn, loss)
+    learn.fit(1)
+    assert learn.recorder.metric_names.count('eps') == 1
+    assert first.hps['eps'] == pytest.approx([cos_ref(0.2, 0.)(p) for p in expected_pcts(n_iter(learn), 1)], abs=1e-12)
+    learn.remove_cb(first)
+    check_clean(learn, loss)
+    learn.fit(1, cbs=(second := AnnealSmoothing(eps_linear(0.2, 0.))))   # after removing the first, another one is fine
+    assert second.hps['eps'][0] == 0.2
+    check_clean(learn, loss)
+
+def test_the_fit_bracket_lives_while_attached():
+    "`learn._with_events` is replaced only while the callback is attached, also when a fit with `cbs=` raises"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss)
+    cb = AnnealSmoothing('cos')
+    learn.fit(1, cbs=cb)
+    assert cb.learn is None and '_with_events' not in learn.__dict__
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=[cb, Raise(KeyboardInterrupt, 'train')])
+    assert cb.learn is None and '_with_events' not in learn.__dict__
+    check_clean(learn, loss)
+    learn.add_cb(cb)
+    assert learn.__dict__['_with_events'].cb is cb
+    learn.remove_cb(cb)
+    assert '_with_events' not in learn.__dict__
+
+class PredsInFit(Callback):
+    "Calls `get_preds`/`validate` in the middle of a fit, as a callback computing its own metrics would"
+    order = 90
+    def __init__(self, event, call): self.call,self.results,self.refs,self.busy = call,[],[],False; setattr(self, event, self._run)
+    def _run(self):
+        if self.busy: return   # `get_preds`/`validate` call `after_epoch` too
+        self.busy = True
+        try:
+            if self.call == 'validate': self.results.append(self.learn.validate())
+            else: self.results.append(self.learn.get_preds(with_loss=True, inner=self.call == 'inner')[2])
+        finally: self.busy = False
+        xv, yv = valid_tensors(self.learn)
+        with torch.no_grad(): ref = F.cross_entropy(self.learn.model.eval()(xv), yv, reduction='none')
+        self.refs.append(ref.mean().item() if self.call == 'validate' else ref)
+
+@pytest.mark.parametrize('event,call', [('after_epoch', 'get_preds'), ('after_epoch', 'validate'), ('after_train', 'inner'),
+                                        ('after_epoch', 'inner')])
+def test_get_preds_inside_a_fit(event, call):
+    "The nested call gets `valid_eps`; the fit keeps its schedule and its column, and ends with the loss's ε"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[cb := AnnealSmoothing(eps_cos(0.2, 0.)), spy := Spy(loss, cos_ref(0.2, 0.)),
+                                  nested := PredsInFit(event, call)])
+    learn.logger = (logged := []).append   # the rows of the epoch table; `validate`/`get_preds` do not log
+    learn.fit(2)
+    assert spy.pcts == pytest.approx(expected_pcts(n_iter(learn), 2), abs=1e-9)
+    assert spy.eps == pytest.approx([cos_ref(0.2, 0.)(p) for p in spy.pcts], abs=1e-12)
+    assert len(nested.results) == 2
+    if call == 'validate':   # the nested `validate` reports the fit's columns: the NLL, and the `eps` column
+        assert nested.results == [[pytest.approx(ref, rel=1e-5), h] for ref, h in zip(nested.refs, cb.hps['eps'][n_iter(learn) - 1::n_iter(learn)])]
+    else:
+        for res, ref in zip(nested.results, nested.refs): assert res == pytest.approx(ref, rel=1e-4, abs=1e-6)   # the NLL
+    # every row ends with the fit's validation, `eps`, then the time (fastai's Recorder also logs an inner `get_preds`)
+    assert list(learn.recorder.metric_names[-2:]) == ['eps', 'time'] and len(logged) == 2
+    assert [row[-2] for row in logged] == [cb.hps['eps'][n_iter(learn) - 1], cb.hps['eps'][-1]]
+    check_clean(learn, loss)
+
+class FailingPredsInFit(Callback):
+    "Calls a `get_preds` that fails (a callback of its own raises) at the end of the first epoch, and carries on"
+    order = 90
+    def __init__(self, inner): self.inner,self.busy = inner,False
+    def after_epoch(self):
+        if self.busy or self.epoch: return
+        self.busy = True
+        try: self.learn.get_preds(cbs=Raise(RuntimeError, 'valid', at=2), inner=self.inner)
+        except RuntimeError: pass
+        finally: self.busy = False
+
+@pytest.mark.parametrize('inner', [False, True])
+def test_failing_get_preds_inside_a_fit(inner):
+    "An exception that leaves a nested `get_preds`, and which its caller handles, does not end the fit's state"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[cb := AnnealSmoothing(eps_cos(0.2, 0.)), spy := Spy(loss, cos_ref(0.2, 0.)),
+                                  FailingPredsInFit(inner)])
+    learn.logger = (logged := []).append
+    learn.fit(2)
+    assert spy.eps == pytest.approx([cos_ref(0.2, 0.)(p) for p in spy.pcts], abs=1e-12) and len(spy.rows) == 2 * n_iter(learn)
+    xv, yv = valid_tensors(learn)
+    with torch.no_grad(): assert logged[-1][2] == pytest.approx(F.cross_entropy(learn.model.eval()(xv), yv).item(), rel=1e-5)
+    assert logged[-1][3] == cb.hps['eps'][-1]
+    check_clean(learn, loss)
+
+class AddAt(Callback):
+    "Adds `cb` to the learner at the 4th batch of the first epoch's training"
+    order = 90
+    def __init__(self, cb): self.cb_ = cb
+    def after_batch(self):
+        if self.training and self.epoch == 0 and self.iter == 3: self.learn.add_cb(self.cb_)
+
+def test_added_during_a_fit():
+    "It anneals from the next fit on; for the rest of this one it only gives validation `valid_eps`, and undoes that"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[spy := Spy(loss), AddAt(cb := AnnealSmoothing(eps_cos(0.2, 0.)))])
+    learn.fit(1)
+    assert set(spy.eps) == {EPS0} and cb.hps['eps'] == []
+    xv, yv = valid_tensors(learn)
+    with torch.no_grad(): nll = F.cross_entropy(learn.model.eval()(xv), yv).item()
+    assert learn.recorder.values[-1][1] == pytest.approx(nll, rel=1e-5)
+    check_clean(learn, loss)
+    learn.remove_cb(learn.add_at)
+    learn.fit(1)
+    assert cb.hps['eps'] == pytest.approx([cos_ref(0.2, 0.)(p) for p in expected_pcts(n_iter(learn), 1)], abs=1e-12)
+    check_clean(learn, loss)
+
+def test_inner_get_preds_that_raises_outside_a_fit():
+    "fastai calls nothing after an exception in `get_preds(inner=True)`: the next `validate`, `get_preds` or fit undoes `valid_eps`"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=(cb := AnnealSmoothing(eps_cos(0.2, 0.))))
+    for then in (learn.validate, lambda: learn.get_preds(inner=True), lambda: learn.fit(1)):
+        with pytest.raises(RuntimeError, match='injected'): learn.get_preds(inner=True, cbs=raising('before_batch', 0))
+        assert loss.eps == 0.0   # valid_eps, left behind
+        within(then)
+        check_clean(learn, loss)
+    assert cb.hps['eps'][0] == 0.2
+
+def test_chains_an_existing_with_events_wrapper():
+    "Another instance-level `_with_events` keeps running inside the bracket, and is put back when the callback leaves"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss)
+    seen = []
+    def theirs(f, event_type, ex, final=lambda: None):
+        seen.append(event_type)
+        return Learner._with_events(learn, f, event_type, ex, final)
+    learn._with_events = theirs
+    learn.add_cb(cb := AnnealSmoothing(eps_cos(0.2, 0.)))
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=Raise(KeyboardInterrupt, 'train'))
+    assert seen[0] == 'fit' and loss.eps == EPS0 and 'eps' not in learn.metrics.attrgot('name')
+    learn.fit(1)
+    assert len(cb.hps['eps']) == n_iter(learn) and loss.eps == EPS0
+    learn.remove_cb(cb)
+    assert learn.__dict__['_with_events'] is theirs
+
+def test_tta_leaves_the_callback_alone():
+    "fastai's `tta` calls `before_fit`/`after_fit` around `get_preds`, without `learn.lock`: not a fit"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=(cb := AnnealSmoothing('cos')))
+    learn.fit(1)
+    h = list(cb.hps['eps'])
+    preds, targs = learn.tta(n=2)
+    assert preds.shape == (len(learn.dls.valid_ds), 10)
+    assert cb.hps['eps'] == h
+    check_clean(learn, loss)
+
+def test_interrupted_lr_find_does_not_switch_the_callback_off(tmp_path):
+    "`lr_find` switches the callback off for its fit (`run=False`); fastai switches it back on only in `after_fit`"
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[cb := AnnealSmoothing(eps_cos(0.2, 0.)), stop := Raise(KeyboardInterrupt, 'train', at=5)],
+                       path=tmp_path)
+    with pytest.raises(KeyboardInterrupt): learn.lr_find(num_it=20, show_plot=False)
+    learn.remove_cb(stop)
+    check_clean(learn, loss)
+    learn.fit(1)
+    assert cb.hps['eps'] == pytest.approx([cos_ref(0.2, 0.)(p) for p in expected_pcts(n_iter(learn), 1)], abs=1e-12)
+    check_clean(learn, loss)
 
 # ---------------------------------------------------------------- fastai workflows
 
