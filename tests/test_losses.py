@@ -6,7 +6,7 @@ from fastai.losses import LabelSmoothingCrossEntropy
 import fastai_ls.losses as L
 from fastai_ls.losses import LabelSmoothingCE, label_smoothing_ce, smooth_targets
 
-N_CASES = 400  # per property test; the three below make 1,200 float64 cases
+N_CASES = 400  # per property test (each also runs with tiny blocks)
 relaxed = settings(max_examples=N_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 @pytest.fixture(params=[False, True], ids=['default-blocks', 'tiny-blocks'])
@@ -24,7 +24,8 @@ def problems(draw, soft=None, malformed=False):
     """A random loss problem: logits (N, C, *spatial), targets, eps, weight, reduction, ignore_index.
     `malformed` also draws what torch accepts but a careless kernel gets wrong: probability rows that do not sum to 1
     (unnormalised, negative, log-probabilities), every integer target dtype with any ignore_index (as uint8, -100 is
-    class 156: hence C=200 sometimes), shifted logits, and probability targets that require grad."""
+    class 156: hence C=200 sometimes), shifted logits, and probability targets that require grad; and weights with a
+    NaN, inf or negative entry, which must be refused."""
     n = draw(st.integers(0, 6))
     k = draw(st.sampled_from([200]) if malformed and draw(st.integers(0, 5)) == 0 else st.integers(2, 7))
     spatial = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
@@ -49,6 +50,8 @@ def problems(draw, soft=None, malformed=False):
             target[torch.rand(target.shape, generator=g) < ignore_p] = ignore_index
         target = target.to(dtype)
     weight = torch.rand(k, generator=g, dtype=torch.float64) + 0.05 if draw(st.booleans()) else None
+    if malformed and weight is not None and draw(st.integers(0, 7)) == 0:   # a weight the loss must refuse
+        weight[draw(st.integers(0, k - 1))] = draw(st.sampled_from([float('nan'), float('inf'), -0.5]))
     eps = draw(st.floats(0., 0.99))
     reduction = draw(st.sampled_from(['none', 'mean', 'sum']))
     return x, target, eps, weight, reduction, ignore_index
@@ -65,6 +68,10 @@ def _value_and_grad(fn, x, cotangent_seed=0, *more):
 @given(problems(malformed=True))
 def test_matches_torch(blocks, prob):
     x, target, eps, weight, reduction, ignore_index = prob
+    if weight is not None and not bool(((weight >= 0) & (weight < math.inf)).all()):
+        with pytest.raises(ValueError, match='weight must be finite and non-negative'):
+            label_smoothing_ce(x, target, eps, weight=weight, reduction=reduction, ignore_index=ignore_index)
+        return
     more = (target,) if target.requires_grad else ()
     ours = _value_and_grad(lambda x: label_smoothing_ce(x, target, eps, weight=weight, reduction=reduction,
                                                         ignore_index=ignore_index), x, 0, *more)
