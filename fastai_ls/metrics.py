@@ -1,4 +1,4 @@
-"""Expected calibration error, multi-class Brier score, NLL, reliability diagrams and temperature scaling for fastai
+"""Expected calibration error, Brier score, NLL and reliability diagrams for multi-class and multi-label outputs, and temperature scaling, for fastai
 
 Docs: https://fastai-ls.github.io/fastai_ls/metrics.html.md"""
 
@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 # %% auto #0
-__all__ = ['calib_inputs', 'calibration_bins', 'calibration_error', 'CalibMetric', 'ECE', 'MCE', 'MultiBrier', 'NLL',
-           'reliability_diagram', 'fit_temperature', 'TemperatureScaling']
+__all__ = ['calib_inputs', 'multilabel_inputs', 'calibration_bins', 'calibration_error', 'CalibMetric', 'ECE', 'MCE',
+           'MultiBrier', 'NLL', 'reliability_diagram', 'fit_temperature', 'TemperatureScaling']
 
 # %% ../nbs/02_metrics.ipynb #979dd4bc
 def _prob_tol(dtype): return max(1e-3, 10*torch.finfo(dtype).eps)
@@ -64,6 +64,49 @@ def calib_inputs(
     # inside the tolerance, rounding may leave a probability just below 0 (a NaN log) or at 0 (an infinite NLL)
     probs = (x if x.dtype in (torch.float32, torch.float64) else x.float()).clamp(0, 1)
     return probs,probs.double().clamp_min(torch.finfo(probs.dtype).tiny).log(),targs,mask
+
+# %% ../nbs/02_metrics.ipynb #dee689c6
+def _multilabel_check(preds, targs, axis, ignore_index)->tuple:
+    "`(preds, targs, mask)`, label axis last: targets of the predictions' shape, in [0, 1] where they are not `ignore_index`"
+    preds,targs = torch.as_tensor(preds),torch.as_tensor(targs)
+    if preds.ndim < 2: raise ValueError(f"`preds` need a batch and a label axis, got shape {tuple(preds.shape)}")
+    if not -preds.ndim <= axis < preds.ndim or axis % preds.ndim == 0:
+        raise ValueError(f"`axis`={axis} must be a label axis of `preds` with shape {tuple(preds.shape)}, not the batch axis 0")
+    if not preds.is_floating_point(): raise TypeError(f"`preds` must be floating point, got {preds.dtype}")
+    if targs.shape != preds.shape:
+        raise ValueError(f"multi-label `targs` must have the shape of `preds` {tuple(preds.shape)} (one target per label), "
+                         f"got {tuple(targs.shape)}")
+    x,t = preds.movedim(axis, -1),targs.movedim(axis, -1)
+    mask = t != ignore_index
+    t = torch.where(mask, t, 0).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    bad = ~((t >= 0) & (t <= 1))  # NaN too
+    if bad.any(): raise ValueError(f"multi-label targets must lie in [0, 1] or be `ignore_index`={ignore_index}, got {t[bad][0].item()}")
+    return x,t,mask
+
+def _sigmoid_probs(x, mask, from_logits)->tuple:
+    "`(probs, logp, log1mp)` of logits (sigmoid, float64) or of probabilities (checked, clamped), detected on `x[mask]` if `from_logits` is None"
+    v,tol = x[mask],_prob_tol(x.dtype)
+    lo,hi = (v.min().item(),v.max().item()) if v.numel() else (0.,1.)
+    outside = lo < -tol or hi > 1+tol
+    if from_logits is None: from_logits = outside
+    if from_logits:
+        z = x.double()
+        return z.sigmoid(),F.logsigmoid(z),F.logsigmoid(-z)
+    if outside: raise ValueError(f"`preds` were declared probabilities (from_logits=False) but contain {lo if lo < -tol else hi:.6g}, outside [0, 1]")
+    p = (x if x.dtype in (torch.float32, torch.float64) else x.float()).clamp(0, 1)
+    tiny = torch.finfo(p.dtype).tiny
+    return p,p.double().clamp_min(tiny).log(),(1-p.double()).clamp_min(tiny).log()
+
+def multilabel_inputs(
+    preds:Tensor, # Logits or probabilities with the label axis at `axis`, e.g. `(N,C)` or `(N,C,d1,...)`
+    targs:Tensor, # Multi-hot (or soft) targets in [0, 1], of the shape of `preds`; `ignore_index` where unknown
+    axis:int=1, # Label axis of `preds` (not 0, the batch axis)
+    ignore_index:int=-100, # Target value whose (item, label) pairs are left out
+    from_logits:bool|None=None, # True: `preds` are logits; False: probabilities (checked); None: detect
+)->tuple: # `(probs, logp, log1mp, targs, mask)`, label axis last; the logs are float64
+    "Validate multi-label `preds` and `targs` and turn them into per-label probabilities and their logs"
+    x,t,mask = _multilabel_check(preds, targs, axis, ignore_index)
+    return (*_sigmoid_probs(x, mask, from_logits),t,mask)
 
 # %% ../nbs/02_metrics.ipynb #05caeee7
 def _check_bins(n_bins)->int:
@@ -122,20 +165,24 @@ def calibration_error(
 class CalibMetric(Metric):
     "Base class for metrics computed from per-item statistics of logits or probabilities"
     def __init__(self,
-        axis:int=1, # Class axis of the predictions
-        ignore_index:int=-100, # Target value whose positions are left out
-        from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect per batch
+        axis:int=1, # Class (or label) axis of the predictions
+        ignore_index:int=-100, # Target value whose positions (multi-label: pairs) are left out
+        from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect per batch (multi-label: on all of them)
+        multilabel:bool=False, # Sigmoid outputs with multi-hot targets: every (item, label) pair is a binary event
     ): store_attr(); self.reset()
     def reset(self): self.stats = []
     def item_stats(self, probs, logp, targs)->tuple: raise NotImplementedError
     def compute(self, *stats)->Tensor: raise NotImplementedError
+    def compute_multilabel(self, probs, logp, log1mp, targs, mask)->Tensor: raise NotImplementedError(f"{type(self).__name__} has no multi-label version")
     def accumulate(self, learn): self.accum_values(learn.pred, learn.y, learn)
 
     def accum_values(self, preds, targs, learn=None):
-        "Store the per-item statistics of one batch"
+        "Store the per-item statistics of one batch (multi-label: the checked predictions, read once all are in)"
         to_d = learn.to_detach if learn is not None else to_detach
-        probs,logp,targs,mask = calib_inputs(preds, targs, self.axis, self.ignore_index, self.from_logits)
-        self.stats.append(to_d((*self.item_stats(probs, logp, targs), mask)))
+        if self.multilabel: self.stats.append(to_d(_multilabel_check(preds, targs, self.axis, self.ignore_index)))
+        else:
+            probs,logp,targs,mask = calib_inputs(preds, targs, self.axis, self.ignore_index, self.from_logits)
+            self.stats.append(to_d((*self.item_stats(probs, logp, targs), mask)))
 
     def __call__(self, preds, targs):
         "The metric on `preds` and `targs`"
@@ -147,10 +194,17 @@ class CalibMetric(Metric):
     def value(self):
         if not self.stats: return None
         *stats,mask = [torch.cat(o) for o in zip(*self.stats)]
-        return self.compute(*[s[mask] for s in stats]).item()
+        if not self.multilabel: return self.compute(*[s[mask] for s in stats]).item()
+        x,t = stats
+        flat = lambda o: o.reshape(-1, o.shape[-1])
+        return self.compute_multilabel(*map(flat, (*_sigmoid_probs(x, mask, self.from_logits), t, mask))).item()
+
+    @property
+    def name(self): return ('multilabel_' if self.multilabel else '') + super().name
 
     _docs = dict(reset="Clear the accumulated statistics", accumulate="Accumulate `learn.pred` and `learn.y`",
                  item_stats="Per-item statistics, leading batch axis kept", compute="Metric from all unmasked statistics",
+                 compute_multilabel="Multi-label metric from `(M, C)` probabilities, their logs, targets and the mask of kept pairs",
                  value="The metric over everything accumulated, `None` before any batch")
 
 # %% ../nbs/02_metrics.ipynb #4f454ce3
@@ -159,14 +213,15 @@ class ECE(CalibMetric):
     def __init__(self,
         n_bins:int=15, # Number of bins
         adaptive:bool=False, # Equal-mass bins instead of equal-width
-        classwise:bool=False, # Mean over classes of each class probability's calibration error (Kull et al. 2019)
+        classwise:bool=False, # Mean over classes (labels) of each class probability's calibration error (Kull et al. 2019)
         norm:str='l1', # 'l1': gaps weighted by bin size (ECE); 'max': largest gap (MCE)
         axis:int=1, # Class axis of the predictions
         ignore_index:int=-100, # Target value whose positions are left out
-        from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect per batch
+        from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect
+        multilabel:bool=False, # Sigmoid outputs with multi-hot targets: bins every (item, label) pair by its probability
     ):
         n_bins = _check_bins(n_bins); _check_norm(norm)
-        super().__init__(axis, ignore_index, from_logits)
+        super().__init__(axis, ignore_index, from_logits, multilabel)
         store_attr('n_bins,adaptive,classwise,norm')
 
     def item_stats(self, probs, logp, targs):
@@ -178,9 +233,16 @@ class ECE(CalibMetric):
         if not self.classwise: return calibration_error(a, b, **kw)
         return torch.stack([calibration_error(a[:,k], b==k, **kw) for k in range(a.shape[-1])]).mean()
 
+    def compute_multilabel(self, probs, logp, log1mp, targs, mask):
+        kw = dict(n_bins=self.n_bins, adaptive=self.adaptive, norm=self.norm)
+        if not self.classwise: return calibration_error(probs[mask], targs[mask], **kw)
+        per_label = [calibration_error(probs[:,k][mask[:,k]], targs[:,k][mask[:,k]], **kw) for k in range(probs.shape[-1])]
+        return torch.stack(per_label).nanmean()  # a label whose every pair is ignored has no error to average
+
     @property
     def name(self):
-        return ('classwise_' if self.classwise else '') + ('adaptive_' if self.adaptive else '') + ('mce' if self.norm=='max' else 'ece')
+        return (('multilabel_' if self.multilabel else '') + ('classwise_' if self.classwise else '') +
+                ('adaptive_' if self.adaptive else '') + ('mce' if self.norm=='max' else 'ece'))
 
 # %% ../nbs/02_metrics.ipynb #f503d87d
 @delegates(ECE, but=['norm'])
@@ -194,11 +256,18 @@ class MultiBrier(CalibMetric):
     "Multi-class Brier score: mean over items of the squared distance between probabilities and one-hot target"
     def item_stats(self, probs, logp, targs): return ((probs.double()-F.one_hot(targs, probs.shape[-1]))**2).sum(-1),
     def compute(self, b): return b.mean()
+    def compute_multilabel(self, probs, logp, log1mp, targs, mask): return ((probs.double()-targs)**2)[mask].mean()
+    @property
+    def name(self): return 'multilabel_brier' if self.multilabel else 'multi_brier'
 
 class NLL(CalibMetric):
     "Negative log-likelihood (cross-entropy) of the predictions"
     def item_stats(self, probs, logp, targs): return -logp.gather(-1, targs[...,None])[...,0],
     def compute(self, nll): return nll.mean()
+    def compute_multilabel(self, probs, logp, log1mp, targs, mask):
+        # a target of exactly 0 or 1 leaves out the other term, which may be -inf
+        nll = -(torch.where(targs > 0, targs*logp, 0.) + torch.where(targs < 1, (1-targs)*log1mp, 0.))
+        return nll[mask].mean()
 
 # %% ../nbs/02_metrics.ipynb #97c01bfc
 def _named_preds(preds, targs):
@@ -219,8 +288,9 @@ def reliability_diagram(
     from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect
     title:str|None=None, # Title, above the ECE line
     figsize:tuple=(6,6.5), # Figure size in inches
+    multilabel:bool=False, # Sigmoid outputs with multi-hot targets: every (item, label) pair binned by its probability
 )->Figure:
-    "Per-bin accuracy against confidence with the gaps shaded, and a histogram of confidences"
+    "Per-bin accuracy (multi-label: fraction of positives) against confidence with the gaps shaded, and a histogram of confidences"
     n_bins = _check_bins(n_bins)
     models = _named_preds(preds, targs)
     # a bare `Figure` needs no pyplot backend (headless-safe) and shows once in notebooks
@@ -228,28 +298,33 @@ def reliability_diagram(
     ax,hx = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
     ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfect calibration')
     w = 1/n_bins/len(models)
+    what = 'fraction of positives' if multilabel else 'accuracy'
     eces = []
     for i,(name,(p,t)) in enumerate(models.items()):
-        probs,_,t,mask = calib_inputs(p, t, axis, ignore_index, from_logits)
-        probs,t = probs[mask],t[mask]
-        conf,hits = probs.max(-1).values,(probs.argmax(-1)==t).double()
+        if multilabel:
+            probs,_,_,t,mask = multilabel_inputs(p, t, axis, ignore_index, from_logits)
+            conf,hits = probs[mask],t[mask].double()
+        else:
+            probs,_,t,mask = calib_inputs(p, t, axis, ignore_index, from_logits)
+            probs,t = probs[mask],t[mask]
+            conf,hits = probs.max(-1).values,(probs.argmax(-1)==t).double()
         edges,cnt,mean_conf,acc = calibration_bins(conf, hits, n_bins)
         ece = calibration_error(conf, hits, n_bins).item()
         eces.append(f"ECE {name}: {ece:.4f}" if name else f"ECE {ece:.4f}")
         x,nz,col = edges[:-1].numpy() + i*w,(cnt>0).numpy(),f'C{i}'
         ax.bar(x[nz], acc[nz], w, align='edge', color=col, alpha=.8, edgecolor='k', lw=.5,
-               label=f"{name} accuracy" if name else 'accuracy')
+               label=f"{name} {what}" if name else what)
         # hatched outline only, so a gap above the mean confidence (under-confidence) stays visible over the bar
         ax.bar(x[nz], (mean_conf-acc)[nz], w, bottom=acc[nz], align='edge', fill=False, hatch='////',
                edgecolor='red', lw=.8, label=None if i else 'gap to mean confidence')
         hx.bar(x, cnt/max(cnt.sum().item(), 1), w, align='edge', color=col, alpha=.8, edgecolor='k', lw=.5)
         hx.axvline(hits.mean(), color=col, ls='-', lw=1.5)
         hx.axvline(conf.mean(), color=col, ls=':', lw=1.5)
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel='Accuracy')
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel=what.capitalize())
     ax.set_title('\n'.join(filter(None, [title, *eces])), fontsize='medium')
     ax.legend(loc='upper left', fontsize='small')
-    hx.set(xlabel='Confidence', ylabel='Fraction of samples')
-    hx.legend(handles=[Line2D([], [], color='k', ls='-', label='accuracy'),
+    hx.set(xlabel='Predicted probability of each label' if multilabel else 'Confidence', ylabel='Fraction of samples')
+    hx.legend(handles=[Line2D([], [], color='k', ls='-', label=what),
                        Line2D([], [], color='k', ls=':', label='mean confidence')], loc='upper right', fontsize='small')
     return fig
 

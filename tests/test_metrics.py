@@ -372,3 +372,146 @@ def test_fit_temperature_property(seed, n, c, scale, shift, n_const, tol):
     nll = lambda t: F.cross_entropy(z/t, y).item()
     assert 1e-2 <= T <= 1e2 and nll(T) <= nll(1.)
     if (z == z[:, :1]).all(): assert T == 1.
+
+# ---------------------------------------------------------------- multi-label outputs
+from sklearn.metrics import brier_score_loss
+from fastai.basics import DataLoaders, accuracy_multi
+
+def multilabel_data(n=3000, c=6, seed=0, scale=0.6):
+    "Logits and labels drawn from sigmoid(scale*logits): miscalibrated on purpose unless scale is 1"
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g, dtype=torch.float64)*2
+    return z, torch.bernoulli(torch.sigmoid(z*scale), generator=g)
+
+@pytest.mark.parametrize('seed,n_bins', [(0, 15), (1, 10), (2, 7)])
+def test_multilabel_ece_matches_sklearn(seed, n_bins):
+    z, y = multilabel_data(seed=seed)
+    p = torch.sigmoid(z).numpy()
+    ece, mce = sk_ece(y.numpy().ravel(), p.ravel(), n_bins)   # every (item, label) pair, pooled
+    assert ece > 0.02
+    for preds in (z, torch.sigmoid(z), torch.sigmoid(z).float()):
+        assert ECE(n_bins, multilabel=True)(preds, y) == pytest.approx(ece, abs=1e-6 if preds.dtype == torch.float32 else 1e-10)
+        assert MCE(n_bins, multilabel=True)(preds, y) == pytest.approx(mce, abs=1e-6 if preds.dtype == torch.float32 else 1e-10)
+    per_label = np.mean([sk_ece(y[:, k].numpy(), p[:, k], n_bins)[0] for k in range(6)])
+    assert ECE(n_bins, classwise=True, multilabel=True)(z, y) == pytest.approx(per_label, abs=1e-10)
+    # a calibrated model scores far lower
+    zc, yc = multilabel_data(seed=seed, scale=1.)
+    assert ECE(n_bins, multilabel=True)(zc, yc) < ece/3
+
+@pytest.mark.parametrize('axis', [1, -1])
+def test_multilabel_brier_nll_float64(axis):
+    "(N, C, T) outputs with ignored pairs, against sklearn's Brier score and the float64 binary cross-entropy by hand"
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 5, 7, generator=g)*3
+    targs = torch.bernoulli(torch.full((20, 5, 7), 0.3), generator=g)
+    targs[::3, 2] = -100
+    preds, t = (logits, targs) if axis == 1 else (logits.movedim(1, -1), targs.movedim(1, -1))
+    keep = (targs != -100).numpy()
+    z, y = logits.double().numpy()[keep], targs.numpy()[keep]
+    p = 1/(1 + np.exp(-z))
+    brier = brier_score_loss(y, p)
+    nll = -(y*np.log(p) + (1-y)*np.log(1-p)).mean()
+    assert MultiBrier(axis=axis, multilabel=True)(preds, t) == pytest.approx(brier, rel=1e-12)
+    assert NLL(axis=axis, multilabel=True)(preds, t) == pytest.approx(nll, rel=1e-10)
+    assert NLL(axis=axis, multilabel=True)(preds, t) == pytest.approx(F.binary_cross_entropy_with_logits(logits.double()[targs != -100], targs.double()[targs != -100]).item(), rel=1e-12)
+    probs = torch.sigmoid(preds.double())                    # probabilities give the same values
+    assert MultiBrier(axis=axis, multilabel=True)(probs, t) == pytest.approx(brier, rel=1e-9)
+    assert NLL(axis=axis, multilabel=True)(probs, t) == pytest.approx(nll, rel=1e-9)
+    # soft targets: the same formulas with fractional y
+    ts = torch.where(targs == -100, targs, torch.rand(20, 5, 7, generator=g))
+    ys = ts.numpy()[keep]
+    assert MultiBrier(multilabel=True)(logits, ts) == pytest.approx(((p - ys)**2).mean(), rel=1e-12)
+    assert NLL(multilabel=True)(logits, ts) == pytest.approx(-(ys*np.log(p) + (1-ys)*np.log(1-p)).mean(), rel=1e-10)
+
+def test_multilabel_extreme_logits_finite():
+    z = torch.tensor([[1e4, -1e4, 0.], [-3e4, 3e4, 30.]])
+    y = torch.tensor([[0., 1., 1.], [1., 0., 1.]])
+    assert NLL(multilabel=True)(z, y) == pytest.approx((1e4 + 1e4 + math.log(2) + 3e4 + 3e4 + math.log1p(math.exp(-30)))/6, rel=1e-12)
+    assert NLL(multilabel=True)(z, (z > 0).float()) == pytest.approx((math.log(2) + math.log1p(math.exp(-30)))/6, rel=1e-12)
+    for m in (ECE(multilabel=True), MultiBrier(multilabel=True)): assert math.isfinite(m(z, y))
+
+def test_multilabel_logit_detection_on_all_batches():
+    "One batch of logits that all lie in [0, 1] must not be read as probabilities when the others are clearly logits"
+    z, y = multilabel_data(300, 4, seed=5)
+    z[:10] = torch.rand(10, 4, dtype=torch.float64)   # a batch whose logits happen to lie in [0, 1]
+    for m in (ECE(multilabel=True), MultiBrier(multilabel=True), NLL(multilabel=True)):
+        m.reset()
+        for i in range(0, 300, 10): m.accum_values(z[i:i+10], y[i:i+10])
+        assert m.value == pytest.approx(type(m)(multilabel=True, from_logits=True)(z, y), abs=1e-12)
+        assert m.value != pytest.approx(type(m)(multilabel=True)(z[:10], y[:10]), abs=1e-12)
+    # probabilities everywhere are read as probabilities, declared or not
+    p = torch.sigmoid(z)
+    assert MultiBrier(multilabel=True)(p, y) == pytest.approx(MultiBrier(multilabel=True, from_logits=False)(p, y), abs=0)
+
+def test_multilabel_bad_inputs():
+    z, y = multilabel_data(50, 4)
+    with pytest.raises(ValueError, match=r'must have the shape of `preds` \(50, 4\) \(one target per label\), got \(50,\)'): ECE(multilabel=True)(z, y[:, 0])
+    with pytest.raises(ValueError, match=r'must lie in \[0, 1\] or be `ignore_index`=-100, got 2.0'): MultiBrier(multilabel=True)(z, y*2)
+    with pytest.raises(ValueError, match='got nan'): NLL(multilabel=True)(z, y.where(y == 0, float('nan')))
+    with pytest.raises(ValueError, match=r'declared probabilities.*outside \[0, 1\]'): ECE(multilabel=True, from_logits=False)(z, y)
+    with pytest.raises(ValueError, match='batch axis'): ECE(multilabel=True, axis=0)(z, y)
+    with pytest.raises(TypeError, match='floating point'): ECE(multilabel=True)(y.long(), y)
+    with pytest.raises(ValueError, match='must have the shape of `preds`'): reliability_diagram(z, y[:, :3], multilabel=True)
+    # targets of -1 mark unknown labels when asked to: those pairs are left out
+    yi = y.clone(); yi[:, 0] = -1
+    assert MultiBrier(multilabel=True, ignore_index=-1)(z, yi) == pytest.approx(MultiBrier(multilabel=True)(z[:, 1:], y[:, 1:]), rel=1e-12)
+    # every pair of a label ignored: the per-label mean skips it
+    assert ECE(classwise=True, multilabel=True, ignore_index=-1)(z, yi) == pytest.approx(ECE(classwise=True, multilabel=True)(z[:, 1:], y[:, 1:]), rel=1e-12)
+
+@pytest.fixture(scope='module')
+def digits_multilabel_learn():
+    "A multi-label Learner on sklearn's digits: 12 labels per image (odd, at least 5, and the digit one-hot)"
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32)/16, torch.tensor(y)
+    t = torch.cat([torch.stack([y % 2 == 1, y >= 5], 1), F.one_hot(y, 10).bool()], 1).float()
+    ds = lambda s: list(zip(x[s], t[s]))
+    dls = DataLoaders.from_dsets(ds(slice(401, None)), ds(slice(0, 401)), bs=64, device='cpu')
+    set_seed(0)
+    learn = Learner(dls, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 12)), loss_func=nn.BCEWithLogitsLoss(),
+                    metrics=[accuracy_multi, ECE(multilabel=True), ECE(multilabel=True, classwise=True, adaptive=True),
+                             MultiBrier(multilabel=True), NLL(multilabel=True)])
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
+    return learn
+
+def test_multilabel_learner_metrics(digits_multilabel_learn):
+    learn = digits_multilabel_learn
+    with learn.no_bar():
+        whole = learn.validate(dl=learn.dls.valid.new(bs=401))
+        small = learn.validate(dl=learn.dls.valid.new(bs=7))   # 401 is not a multiple of 7: a ragged last batch
+        logits, targs = learn.get_preds(act=noop)
+    for a, b in zip(whole, small): assert a == pytest.approx(b, abs=1e-6)
+    assert whole[1] > 0.9   # it learned something
+    assert [m.name for m in learn.metrics[1:]] == ['multilabel_ece', 'multilabel_classwise_adaptive_ece', 'multilabel_brier', 'multilabel_nll']
+    # inside `validate` the metrics saw logits; on probabilities they give the same values
+    for m, v in zip(learn.metrics[1:], whole[2:]): assert m(torch.sigmoid(logits), targs) == pytest.approx(v, abs=1e-6)
+    assert whole[-1] == pytest.approx(whole[0], rel=1e-5)  # NLL is the validation BCE loss
+
+def test_multilabel_distributed_gathering_drops_padding(digits_multilabel_learn):
+    "As for the multi-class metrics: two simulated processes, padded batches, ignored pairs, gathered per-item statistics"
+    ign = lambda y: torch.where(torch.arange(12) == 3, -100., y)
+    learn = digits_multilabel_learn
+    dl = learn.dls.valid.new(bs=9, shuffle=False)
+    ddls = [FakeDDL(dl, rank=r, world_size=2) for r in (0, 1)]
+    mk = [lambda: ECE(multilabel=True), lambda: ECE(multilabel=True, classwise=True), lambda: MultiBrier(multilabel=True), lambda: NLL(multilabel=True)]
+    mets = [f() for f in mk]
+    model = learn.model.eval()
+    with torch.no_grad():
+        for b0, b1 in zip(*ddls):
+            for f, m in zip(mk, mets):
+                f().accum_values(model(b1[0]), ign(b1[1]), SimpleNamespace(to_detach=ddls[1].to_detach))  # fills `gathered`
+                m.accumulate(SimpleNamespace(pred=model(b0[0]), y=ign(b0[1]), to_detach=ddls[0].to_detach))
+    assert ddls[0].n_padded > ddls[0].n == len(dl.dataset)
+    with learn.no_bar(): logits, targs = learn.get_preds(dl=dl, act=noop)
+    for f, m in zip(mk, mets): assert m.value == pytest.approx(f()(logits, ign(targs)), abs=1e-9)
+
+def test_multilabel_reliability_png(digits_multilabel_learn):
+    z, y = multilabel_data(2000, 8, scale=1.)
+    fig = reliability_diagram({'calibrated': z, 'over-confident': 3*z}, y, multilabel=True, title='Synthetic')
+    img = Image.open(io.BytesIO(png(fig)))
+    assert img.size == (600, 650) and np.asarray(img.convert('L')).std() > 20
+    title = fig.axes[0].get_title()
+    for k, p in (('calibrated', z), ('over-confident', 3*z)): assert f'{k}: {ECE(multilabel=True)(p, y):.4f}' in title
+    assert fig.axes[0].get_ylabel() == 'Fraction of positives'
+    with digits_multilabel_learn.no_bar(): fig = digits_multilabel_learn.plot_reliability(multilabel=True, n_bins=10)
+    probs, targs = digits_multilabel_learn.get_preds()
+    assert f'{ECE(10, multilabel=True)(probs, targs):.4f}' in fig.axes[0].get_title()
