@@ -3,3 +3,4 @@ from .losses import *
 from .bce import *
 from .callback import *
 from .metrics import *
+from .online import *

@@ -15,15 +15,21 @@ from matplotlib.figure import Figure  # after fastai's star import, which has a 
 from PIL import Image
 from .losses import LabelSmoothingCE
 from .callback import AnnealSmoothing, EPS_SCHEDULES
+from .online import OnlineLabelSmoothing, group_prior, pets_species_groups
 from .metrics import ECE, NLL, MultiBrier, reliability_diagram, fit_temperature, TemperatureScaling
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'DATASETS', 'PETS_PAT', 'ARCHS', 'DIGITS_VALID', 'PETS_VALID_PCT', 'METRICS', 'OUTPUTS', 'CompareError',
-           'make_loss', 'make_cbs', 'digits_data', 'digits_cnn', 'pet_files', 'pets_data', 'pretrained_available',
-           'evaluate', 'summarize', 'format_table', 'Comparison', 'compare', 'main']
+__all__ = ['STRATEGIES', 'EXTRA_STRATEGIES', 'OLS_EPS', 'GROUP_WITHIN', 'GROUPINGS', 'DATASETS', 'PETS_PAT', 'ARCHS',
+           'DIGITS_VALID', 'PETS_VALID_PCT', 'METRICS', 'OUTPUTS', 'CompareError', 'make_loss', 'make_cbs',
+           'digits_data', 'digits_cnn', 'pet_files', 'pets_data', 'pretrained_available', 'evaluate', 'summarize',
+           'format_table', 'Comparison', 'compare', 'main']
 
 # %% ../nbs/03_compare.ipynb #08618b98
 STRATEGIES = ('ce', 'ls', 'anneal', 'ce+temp')
+EXTRA_STRATEGIES = ('ols', 'group')
+OLS_EPS = 0.5
+GROUP_WITHIN = 0.8
+GROUPINGS = dict(pets=pets_species_groups) # the datasets `group` can train on: class names → groups of similar classes
 DATASETS = ('digits', 'pets')
 PETS_PAT = r'^(.+)_\d+\.jpg$'
 ARCHS = dict(resnet18=resnet18, resnet34=resnet34, resnet50=resnet50, resnet101=resnet101, resnet152=resnet152)
@@ -33,19 +39,25 @@ class CompareError(ValueError):
 
 # %% ../nbs/03_compare.ipynb #94069fb6
 def make_loss(
-    strategy:str, # One of `STRATEGIES`
-    eps:float=0.1, # Label-smoothing ε for `ls`, and the starting ε of `anneal`
+    strategy:str, # One of `STRATEGIES` or `EXTRA_STRATEGIES`
+    eps:float=0.1, # Label-smoothing ε for `ls` and `group`, and the starting ε of `anneal` (`ols` trains at `OLS_EPS`)
+    prior:Tensor|None=None, # The class-group prior of `group`
 ):
     "The loss a strategy trains with"
-    return CrossEntropyLossFlat() if strategy in ('ce', 'ce+temp') else LabelSmoothingCE(eps)
+    if strategy in ('ce', 'ce+temp'): return CrossEntropyLossFlat()
+    if (strategy == 'group') != (prior is not None):
+        raise ValueError(f"strategy 'group' needs the class-group prior, and only it takes one; got strategy {strategy!r} "
+                         f"{'with' if prior is not None else 'without'} a prior")
+    return LabelSmoothingCE(OLS_EPS if strategy == 'ols' else eps, prior=prior)
 
 def make_cbs(
-    strategy:str, # One of `STRATEGIES`
+    strategy:str, # One of `STRATEGIES` or `EXTRA_STRATEGIES`
     eps:float=0.1, # Starting ε of the schedule
     schedule:str='cos', # Name of the ε schedule in `EPS_SCHEDULES`
 )->list:
     "The callbacks a strategy trains with"
-    return [AnnealSmoothing(EPS_SCHEDULES[schedule](eps), show_eps=False)] if strategy == 'anneal' else []
+    if strategy == 'anneal': return [AnnealSmoothing(EPS_SCHEDULES[schedule](eps), show_eps=False)]
+    return [OnlineLabelSmoothing()] if strategy == 'ols' else []
 
 # %% ../nbs/03_compare.ipynb #244be280
 DIGITS_VALID = 500
@@ -205,9 +217,9 @@ class Comparison:
     "Train one architecture with several label-smoothing strategies over several seeds and compare them"
     def __init__(self,
         dataset:str='digits', # 'digits' (sklearn's, bundled) or 'pets' (Oxford-IIIT pets)
-        strategies:list|str=STRATEGIES, # Strategies from `STRATEGIES`, a list or comma-separated
+        strategies:list|str=STRATEGIES, # Strategies from `STRATEGIES` and `EXTRA_STRATEGIES`, a list or comma-separated
         seeds:int=3, # Number of seeds (0, 1, ... seeds-1)
-        eps:float=0.1, # ε of `ls`, and the starting ε of `anneal`
+        eps:float=0.1, # ε of `ls` and `group`, and the starting ε of `anneal` (`ols` trains at `OLS_EPS`)
         schedule:str='cos', # ε schedule of `anneal`, a name in `EPS_SCHEDULES`
         epochs:int|None=None, # Training epochs; None: 40 for digits, 4 for pets
         lr:float|None=None, # Maximum learning rate; None: 1e-2 for digits, 2e-3 for pets (fine-tuned) or 1e-2 (scratch)
@@ -243,11 +255,15 @@ class Comparison:
         if self.dataset not in DATASETS: raise CompareError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if isinstance(self.strategies, str): self.strategies = [self.strategies]
         self.strategies = [s.strip() for o in self.strategies for s in o.split(',')]  # 'ce,ls' or ['ce', 'ls']
-        bad = [s for s in self.strategies if s not in STRATEGIES]
-        if bad: raise CompareError(f"unknown strategy {bad[0]!r}; choose from {', '.join(STRATEGIES)}")
+        known = STRATEGIES + EXTRA_STRATEGIES
+        bad = [s for s in self.strategies if s not in known]
+        if bad: raise CompareError(f"unknown strategy {bad[0]!r}; choose from {', '.join(known)}")
         if not self.strategies: raise CompareError("no strategies to compare")
         # canonical order, so that `ce+temp` can reuse the `ce` model of the same seed
-        self.strategies = [s for s in STRATEGIES if s in self.strategies]
+        self.strategies = [s for s in known if s in self.strategies]
+        if 'group' in self.strategies and self.dataset not in GROUPINGS:
+            raise CompareError(f"strategy 'group' needs groups of similar classes, which {self.dataset} does not have; "
+                               f"it is for --dataset {', '.join(GROUPINGS)}")
         if not 0 < self.eps < 1: raise CompareError(f"--eps must be in (0, 1); got {self.eps}")
         if self.schedule not in EPS_SCHEDULES:
             raise CompareError(f"unknown schedule {self.schedule!r}; choose from {', '.join(EPS_SCHEDULES)}")
@@ -319,10 +335,12 @@ class Comparison:
 
     def learner(self, strategy:str)->Learner:
         "A new `Learner` for `strategy`"
-        kw = dict(loss_func=make_loss(strategy, self.eps), metrics=error_rate,
+        dls = self.dls()
+        prior = group_prior(GROUPINGS[self.dataset](dls.vocab), len(dls.vocab), GROUP_WITHIN) if strategy == 'group' else None
+        kw = dict(loss_func=make_loss(strategy, self.eps, prior), metrics=error_rate,
                   cbs=make_cbs(strategy, self.eps, self.schedule) + [_RunLog()])
-        if self.dataset == 'digits': learn = Learner(self.dls(), digits_cnn(), **kw)
-        else: learn = vision_learner(self.dls(), ARCHS[self.arch], pretrained=self.pretrained, **kw)
+        if self.dataset == 'digits': learn = Learner(dls, digits_cnn(), **kw)
+        else: learn = vision_learner(dls, ARCHS[self.arch], pretrained=self.pretrained, **kw)
         if not self.show_progress: learn.remove_cbs(ProgressCallback); learn.logger = noop  # no bars, no epoch table
         return learn.to_fp16() if self.fp16 else learn
 
@@ -361,8 +379,8 @@ def _run_one(self:Comparison, seed, strategy)->dict:
     "Train (or, for `ce+temp`, reuse the `ce` model of this seed) and evaluate one run; a failure is recorded, not raised"
     nan = float('nan')
     row = dict(dataset=self.dataset, strategy=strategy, seed=seed, **dict.fromkeys(METRICS, nan), temperature=nan,
-               eps=self.eps, schedule=self.schedule if strategy == 'anneal' else '', lr=self.lr, bs=self.bs, epochs_run=0,
-               iters=0, train_s=nan, epoch_s=nan, n_train=self.n_train, n_valid=self.n_valid,
+               eps=OLS_EPS if strategy == 'ols' else self.eps, schedule=self.schedule if strategy == 'anneal' else '',
+               lr=self.lr, bs=self.bs, epochs_run=0, iters=0, train_s=nan, epoch_s=nan, n_train=self.n_train, n_valid=self.n_valid,
                model='cnn' if self.dataset == 'digits' else self.arch, pretrained=self.dataset == 'pets' and self.pretrained,
                device=str(self.device), fp16=self.fp16, status='ok', error='')
     learn = None
@@ -427,7 +445,8 @@ def _report(self:Comparison)->pd.DataFrame:
                f"{self.arch} ({'pretrained, fine_tune' if self.pretrained else 'from scratch, fit_one_cycle'}), "
                f"size {self.size}, {self.n_train} training images") +
                f", {self.n_valid} validation images; {self.epochs} epochs, lr {self.lr:g}, bs {self.bs}, "
-               f"eps {self.eps}, anneal schedule {self.schedule!r}; mean ± std over {n} seed(s)" +
+               f"eps {self.eps}, anneal schedule {self.schedule!r}" + (f", ols eps {OLS_EPS}" if 'ols' in self.strategies else '') +
+               (f", group prior within {GROUP_WITHIN}" if 'group' in self.strategies else '') + f"; mean ± std over {n} seed(s)" +
                ('' if pd.isna(epoch_s) else f"; {epoch_s:.2f} s per epoch on {self.device}{' (fp16)' if self.fp16 else ''}"))
     table = format_table(df)
     failed = df[df.status != 'ok']
@@ -457,7 +476,8 @@ def _parser()->argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', required=True, metavar='command')
     c = sub.add_parser('compare', help="compare CE, label smoothing and annealed label smoothing",
         description="Train the same model with plain cross-entropy (ce), fixed label smoothing (ls), annealed label "
-                    "smoothing (anneal) and optionally CE plus temperature scaling (ce+temp), over several seeds; print "
+                    "smoothing (anneal), optionally CE plus temperature scaling (ce+temp), online label smoothing (ols) and a "
+                    "class-group prior (group, pets only), over several seeds; print "
                     "error rate, NLL, ECE and Brier score as mean ± std, and write a CSV and plots to --out.",
         epilog="Earlier results are never replaced without --overwrite. A run that fails (a diverged model, an error) is "
                "recorded as failed and the others go on. Exit status: 0 when every run succeeded, 1 if any failed, 2 for a bad "
@@ -465,9 +485,10 @@ def _parser()->argparse.ArgumentParser:
         formatter_class=_HelpFormatter)
     a = c.add_argument
     a('--dataset', default='digits', help=f"one of {', '.join(DATASETS)}")
-    a('--strategies', nargs='+', default=list(STRATEGIES), metavar='S', help=f"from {', '.join(STRATEGIES)}")
+    a('--strategies', nargs='+', default=list(STRATEGIES), metavar='S',
+      help=f"from {', '.join(STRATEGIES + EXTRA_STRATEGIES)} (default: {' '.join(STRATEGIES)})")
     a('--seeds', type=int, default=3, help="number of seeds")
-    a('--eps', type=float, default=0.1, help="ε of ls, and the starting ε of anneal")
+    a('--eps', type=float, default=0.1, help=f"ε of ls and group, and the starting ε of anneal (ols trains at {OLS_EPS})")
     a('--schedule', default='cos', help=f"ε schedule of anneal: {', '.join(EPS_SCHEDULES)}")
     a('--epochs', type=int, help="training epochs (default: 40 for digits, 4 for pets)")
     a('--lr', type=float, help="maximum learning rate (default: 1e-2; 2e-3 for pretrained pets)")

@@ -5,6 +5,7 @@ import pandas as pd, pytest, torch
 from fastai_ls import compare as C
 from fastai_ls.compare import main, Comparison, STRATEGIES, METRICS, OUTPUTS
 from fastai_ls.losses import LabelSmoothingCE
+from fastai_ls.online import OnlineLabelSmoothing
 
 TINY = ['--seeds', '2', '--epochs', '2', '--train-size', '100']
 
@@ -118,6 +119,7 @@ def _bad_folders(tmp_path, pets_path):
     (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
     (['--strategies', 'ce', 'focal'], "unknown strategy 'focal'"),
     (['--strategies', 'ce,,ls'], "unknown strategy ''"),
+    (['--strategies', 'ls', 'group'], "strategy 'group' needs groups of similar classes, which digits does not have; it is for --dataset pets"),
     (['--eps', '0'], '--eps must be in (0, 1)'),
     (['--eps', '1'], '--eps must be in (0, 1)'),
     (['--eps', '-0.1'], '--eps must be in (0, 1)'),
@@ -161,13 +163,17 @@ def test_bad_arguments_console_script():
         r = run_cli('fastai-ls', *args)
         assert r.returncode == 2 and msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
 
+def _ctrl_c_works():
+    "In the child: a shell's background job (`pytest ... &`) starts with SIGINT ignored, and Python keeps it so"
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
 def test_ctrl_c_keeps_finished_runs(tmp_path):
     "SIGINT after the first run has finished: exit 130, the finished runs on disk with their table and plots"
     out = tmp_path/'res'
     p = subprocess.Popen(['fastai-ls', 'compare', '--seeds', '2', '--epochs', '30', '--train-size', '1000',
                           '--strategies', 'ce', 'ls', '--quiet', '--out', str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_works)
     csv, t0 = out/'results.csv', time.time()
     while not (csv.exists() and len(csv.read_text().splitlines()) >= 2):
         assert p.poll() is None, p.communicate()
@@ -238,7 +244,7 @@ def test_overwrite_removes_earlier_results_only_once_a_new_run_finished(tmp_path
     before = {f: (out/f).read_bytes() for f in OUTPUTS}
     argv = ['fastai-ls', 'compare', '--overwrite', '--seeds', '1', '--epochs', '10', '--train-size', '300',
             '--strategies', 'ce', 'ls', '--quiet', '--out', str(out)]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_works)
     line = p.stdout.readline()   # printed just before the first run starts training
     assert line.startswith('[1/2] digits: ce, seed 0'), (line, p.communicate())
     p.send_signal(signal.SIGINT)
@@ -321,3 +327,35 @@ def test_truncated_image_named_before_training(tmp_path, pets_path, capsys):
     assert code == 2 and f"1 of the 10 images in {imgs} cannot be read" in err, err
     assert f"{bad.name} (OSError: image file is truncated" in err and 'Traceback' not in err
     assert not (tmp_path/'out').exists()
+
+# ---------------------------------------------------------------- the prior strategies: ols and group
+def test_ols_on_digits(tmp_path):
+    "`ols` trains at ε = 0.5 with `OnlineLabelSmoothing`, which leaves a learned (C, C) prior on the loss"
+    cmp = Comparison(strategies='ls,ols', seeds=1, epochs=2, train_size=100, show_progress=False, out=tmp_path)
+    df = cmp.run()
+    check_results(tmp_path, ['ls', 'ols'], 1)
+    assert df.set_index('strategy').eps.to_dict() == {'ls': 0.1, 'ols': C.OLS_EPS} and C.OLS_EPS == 0.5
+    assert set(cmp.eps_logs['ols']) == {0.5} and len(cmp.eps_logs['ols']) == df.iters[1]
+    assert 'ols eps 0.5' in (tmp_path/'summary.md').read_text()
+    learn = cmp.learner('ols')
+    cb = next(c for c in learn.cbs if isinstance(c, OnlineLabelSmoothing))
+    learn.fit(1)
+    assert learn.loss_func.eps == 0.5 and learn.loss_func.prior is cb.prior and cb.prior.shape == (10, 10)
+
+def test_group_and_ols_on_pets(tmp_path, pets_path):
+    "`group` on 2 cat and 2 dog breeds: the species prior, checked by hand, trains end to end next to `ols`"
+    imgs = tmp_path/'imgs'; imgs.mkdir()
+    for breed in ('Abyssinian', 'Bengal', 'beagle', 'boxer'):
+        for f in sorted(pets_path.glob(f'{breed}_*.jpg')): shutil.copy(f, imgs)
+    args = dict(dataset='pets', path=imgs, pretrained=False, arch='resnet18', size=32, bs=8, epochs=1, seeds=1,
+                num_workers=0, threads=1, show_progress=False)
+    learn = Comparison(strategies='group', out=tmp_path/'none', **args).learner('group')
+    assert list(learn.dls.vocab) == ['Abyssinian', 'Bengal', 'beagle', 'boxer']
+    # row y: 0.8 on the other breed of its species, 0.1 on each breed of the other species, 0 on itself
+    assert torch.allclose(learn.loss_func.prior, torch.tensor([[0, .8, .1, .1], [.8, 0, .1, .1], [.1, .1, 0, .8], [.1, .1, .8, 0]]))
+    assert learn.loss_func.eps == 0.1 and not any(isinstance(c, OnlineLabelSmoothing) for c in learn.cbs)
+    df = Comparison(strategies='ols,group', out=tmp_path/'res', **args).run()
+    check_results(tmp_path/'res', ['ols', 'group'], 1)
+    assert df.strategy.tolist() == ['ols', 'group'] and df.eps.tolist() == [0.5, 0.1]
+    assert 'group prior within 0.8' in (tmp_path/'res'/'summary.md').read_text()
+
