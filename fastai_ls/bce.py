@@ -13,7 +13,7 @@ from torch import nn, Tensor
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from fastai.losses import BaseLoss
-from .losses import _check_choice, _check_eps, _compute_dtype, _is_compiling, _functorch_wrapped
+from .losses import _check_choice, _EpsBuffer, _check_eps, _compute_dtype, _is_compiling, _functorch_wrapped
 
 # %% auto #0
 __all__ = ['smooth_binary_targets', 'label_smoothing_bce', 'LabelSmoothingBCE', 'LabelSmoothingBCEFlat']
@@ -225,7 +225,7 @@ def label_smoothing_bce(
     return _label_smoothing_bce(input, target, _eps_tensor(eps), weight, pos_weight, reduction, variant)
 
 # %% ../nbs/07_bce.ipynb #edc78dcd
-class LabelSmoothingBCE(nn.Module):
+class LabelSmoothingBCE(_EpsBuffer, nn.Module):
     "Label-smoothing binary cross-entropy with logits, labels on dim 1 (like `nn.BCEWithLogitsLoss`), memory-light"
     y_int = False # fastai: targets are floats, so MixUp/CutMix interpolate the targets
     def __init__(self,
@@ -255,21 +255,6 @@ class LabelSmoothingBCE(nn.Module):
         if eps is not None: _check_eps(eps)
         for name in ('weight', 'pos_weight'): _check_label_weight(name, state_dict.get(prefix + name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        # `.to(device)`, `.half()`... move the weights, but ε stays a float64 CPU scalar: exact, and read without a device sync
-        eps_t = self.eps_t
-        super()._apply(fn, recurse)
-        self.eps_t = eps_t
-        return self
-
-    @property
-    def eps(self) -> float:
-        "The current smoothing, as a float"
-        return self.eps_t.item()
-
-    @eps.setter
-    def eps(self, value): self.eps_t.fill_(_check_eps(value))
 
     def forward(self, input:Tensor, target:Tensor) -> Tensor:
         # the weights' values were checked in __init__: no device sync for them every batch

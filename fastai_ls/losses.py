@@ -493,7 +493,24 @@ def label_smoothing_ce(
     return _label_smoothing_ce(input, target, _eps_arg(eps), weight, ignore_index, reduction, variant, prior)
 
 # %% ../nbs/00_losses.ipynb #176b8332
-class LabelSmoothingCE(nn.Module):
+class _EpsBuffer:
+    "ε in a 0-dim float64 CPU buffer `eps_t`, changed in place: no recompiles, no device sync to read it"
+    def _apply(self, fn, recurse=True):
+        # `.to(device)`, `.half()`... move the weights, but ε stays a float64 CPU scalar
+        eps_t = self.eps_t
+        super()._apply(fn, recurse)
+        self.eps_t = eps_t
+        return self
+
+    @property
+    def eps(self) -> float:
+        "The current smoothing, as a float"
+        return self.eps_t.item()
+
+    @eps.setter
+    def eps(self, value): self.eps_t.fill_(_check_eps(value))
+
+class LabelSmoothingCE(_EpsBuffer, nn.Module):
     "Label-smoothing cross-entropy over dim 1 (like `nn.CrossEntropyLoss`), fused and memory-light"
     y_int = True # fastai: targets are class indices, so MixUp/CutMix interpolate the loss, not the targets
     def __init__(self,
@@ -524,21 +541,6 @@ class LabelSmoothingCE(nn.Module):
         # a prior learned since this loss was made (`OnlineLabelSmoothing`): take it, rather than call it unexpected
         if prior is not None and self.prior_t is None: self.prior_t = torch.empty_like(prior)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        # `.to(device)`, `.half()`... move the weight, but ε stays a float64 CPU scalar: exact, and read without a device sync
-        eps_t = self.eps_t
-        super()._apply(fn, recurse)
-        self.eps_t = eps_t
-        return self
-
-    @property
-    def eps(self) -> float:
-        "The current smoothing, as a float"
-        return self.eps_t.item()
-
-    @eps.setter
-    def eps(self, value): self.eps_t.fill_(_check_eps(value))
 
     @property
     def prior(self) -> Tensor|None:
