@@ -1,4 +1,5 @@
-"Shared fixtures: real data for real fastai `Learner`s (sklearn's bundled digits, the Oxford-IIIT pet sample)"
+"Shared fixtures: real data for real fastai `Learner`s (sklearn's bundled digits, the Oxford-IIIT pet sample), and torchrun"
+import os, signal, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
 from fastai.data.transforms import ItemGetter
@@ -36,3 +37,19 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if 'cuda' in item.keywords: item.add_marker(skip)
+
+def run_torchrun(script, out_dir, timeout:int=150) -> str:
+    "Run `script out_dir` as a real 2-process CPU (gloo) job under torchrun; fail the test with the workers' output if it fails"
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script), str(out_dir)]
+    # one thread per process on a shared 2-core machine; no GPU, so that the gloo path is the one tested
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try: out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)   # torchrun and its workers: the process group started above
+        out, _ = p.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout}s; its output ends with:\n{out[-5000:]}")
+    # torchrun prefixes the workers' tracebacks with "[rankN]:"; its own summary comes last
+    workers = '\n'.join(l for l in out.splitlines() if l.startswith('[rank'))
+    assert p.returncode == 0, f"torchrun exited with {p.returncode}.\nWorkers:\n{workers[-6000:]}\nEnd of output:\n{out[-2000:]}"
+    return out

@@ -1,24 +1,13 @@
 "A real 2-process distributed fit on CPUs (gloo), launched by torchrun: every rank must see the same ε sequence"
-import json, math, os, signal, subprocess, sys
+import json, math
 from pathlib import Path
 import pytest
+from conftest import run_torchrun
 
 SCRIPT = Path(__file__).parent/'ddp_script.py'
-TIMEOUT = 150
 
 def test_ddp_two_cpu_processes(tmp_path):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(SCRIPT), str(tmp_path)]
-    # one thread per process on a shared 2-core machine; no GPU, so that the gloo path is the one tested
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try: out, _ = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)   # torchrun and its workers: the session started above
-        out, _ = p.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s; its output ends with:\n{out[-5000:]}")
-    # torchrun prefixes the workers' tracebacks with "[rankN]:"; its own summary comes last
-    workers = '\n'.join(l for l in out.splitlines() if l.startswith('[rank'))
-    assert p.returncode == 0, f"torchrun exited with {p.returncode}.\nWorkers:\n{workers[-6000:]}\nEnd of output:\n{out[-2000:]}"
+    run_torchrun(SCRIPT, tmp_path)
     r0, r1 = (json.loads((tmp_path/f'rank{i}.json').read_text()) for i in range(2))
     assert r0['world_size'] == r1['world_size'] == 2
     assert {row[4] for row in r0['rows'] + r1['rows']} == {'gloo'}

@@ -1,5 +1,5 @@
 "Class-group priors and `OnlineLabelSmoothing`: values by hand, real fastai Learners on the digits and the pets names, a real 2-process gloo run"
-import os, re, signal, subprocess, sys
+import re
 from pathlib import Path
 import matplotlib.pyplot as plt, numpy as np, pytest, torch, torch.nn.functional as F
 from torch import nn
@@ -16,7 +16,7 @@ from fastai.vision.augment import Resize
 from fastai.data.transforms import get_image_files
 from fastai_ls.losses import LabelSmoothingCE, LabelSmoothingCEFlat
 from fastai_ls.online import group_prior, pets_species_groups, cifar10_groups, OnlineLabelSmoothing
-from conftest import digits_dls
+from conftest import digits_dls, run_torchrun
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -399,20 +399,10 @@ def test_plot_prior_names_the_classes(pets_path, tmp_path):
     plt.close(fig)
 
 SCRIPT = Path(__file__).parent/'ddp_online_script.py'
-TIMEOUT = 150
 
 def test_ddp_every_rank_learns_the_prior_of_all_the_data(tmp_path):
     "A real 2-process gloo fit: each epoch's prior is the mean over both ranks' correct predictions, the same on both"
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(SCRIPT), str(tmp_path)]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try: out, _ = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)   # torchrun and its workers: the session started above
-        out, _ = p.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT}s; its output ends with:\n{out[-5000:]}")
-    workers = '\n'.join(l for l in out.splitlines() if l.startswith('[rank'))
-    assert p.returncode == 0, f"torchrun exited with {p.returncode}.\nWorkers:\n{workers[-6000:]}\nEnd of output:\n{out[-2000:]}"
+    run_torchrun(SCRIPT, tmp_path)
     r0, r1 = (torch.load(tmp_path/f'rank{i}.pt') for i in range(2))
     assert r0['setup'] == r1['setup'] == (2, 'gloo')
     for e in range(2):
