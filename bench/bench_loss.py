@@ -8,7 +8,7 @@ logits (the gradient included), divided by the logits' bytes.
     python bench/bench_loss.py --device cuda   # GPU
     python bench/bench_loss.py --prior         # a (C, C) prior, against the soft-target route with a materialised q
 """
-import argparse, statistics, time
+import argparse, contextlib, os, statistics, sys, time
 import torch, torch.nn.functional as F
 from torch.profiler import profile, ProfilerActivity
 from fastai.losses import LabelSmoothingCrossEntropy
@@ -48,6 +48,15 @@ def median_ms(fn, device, min_time=1.0, max_reps=50):
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    "Silence file descriptor 2: the profiler's C++ side prints device-probe errors there, which are not ours to show"
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try: yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(devnull)
+
 def peak_extra_bytes(fn, device):
     "Peak of the bytes allocated during `fn`, above what was live before it"
     if device.type == 'cuda':
@@ -56,7 +65,7 @@ def peak_extra_bytes(fn, device):
         fn(); torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     # On CPU, replay the profiler's allocation/free events in time order.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'), key=lambda e: e.start_ns())
     live = peak = 0
     for e in events:

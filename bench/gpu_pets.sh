@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation (issue 5): the pets comparison on the 370-photo sample with resnet34 and fp16, then the loss
+# GPU validation: the pets comparison on the 370-photo sample with resnet34 and fp16, then the loss
 # benchmark on CUDA. Works offline. Run from anywhere:
 #
 #     bash bench/gpu_pets.sh [OUT_DIR]        # default OUT_DIR: ./gpu_results
@@ -33,7 +33,7 @@ run() { local name=$1; shift
   local t0=$SECONDS
   local status=0
   "$PY" -m fastai_ls.compare --dataset pets --path "$PETS" --arch resnet34 --device cuda --fp16 \
-      --strategies ce ls anneal ce+temp --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log" || status=$?
+      --strategies ce ls anneal ols group --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log" || status=$?
   echo "$name: wall $((SECONDS - t0)) s, exit status $status" | tee -a "$OUT/walltimes.txt"
 }
 run pets_resnet34_4epochs --seeds 3 --epochs 4 --scratch-fallback

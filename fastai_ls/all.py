@@ -4,3 +4,4 @@ from .bce import *
 from .callback import *
 from .metrics import *
 from .online import *
+from .interpret import *

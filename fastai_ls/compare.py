@@ -1,4 +1,4 @@
-"""`fastai-ls compare`: train the same model with plain cross-entropy, fixed ε, annealed ε (and optionally CE plus temperature scaling) over several seeds, and compare error rate and calibration.
+"""`fastai-ls compare`: train the same model with plain cross-entropy, fixed, annealed and online label smoothing over several seeds, and compare error rate and calibration, raw and after temperature scaling, with paired statistics.
 
 Docs: https://fastai-ls.github.io/fastai_ls/compare.html.md"""
 
@@ -6,198 +6,194 @@ Docs: https://fastai-ls.github.io/fastai_ls/compare.html.md"""
 
 # %% ../nbs/03_compare.ipynb #33c57301
 from __future__ import annotations
-import argparse, csv, math, re, sys, tempfile, threading, time, traceback, warnings
+import argparse, csv, inspect, math, sys, tempfile, time, traceback, warnings
 from pathlib import Path
+from typing import NamedTuple
 import pandas as pd
-from torch.utils.data import TensorDataset
 from fastai.vision.all import *
 from matplotlib.figure import Figure  # after fastai's star import, which has a `Figure` of its own
-from PIL import Image
 from .losses import LabelSmoothingCE
 from .callback import AnnealSmoothing, EPS_SCHEDULES
-from .online import OnlineLabelSmoothing, group_prior, pets_species_groups
-from .metrics import ECE, NLL, MultiBrier, reliability_diagram, fit_temperature, TemperatureScaling
+from .online import OnlineLabelSmoothing, group_prior
+from .metrics import ECE, NLL, MultiBrier, reliability_diagram, fit_temperature
+from .data import CompareError, CompareData, DigitsData, PetsData, Cifar10Data
+from .cli import KINDS, STRATEGIES, OLS_EPS, main  # the command line parses before torch is imported
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'EXTRA_STRATEGIES', 'OLS_EPS', 'GROUP_WITHIN', 'GROUPINGS', 'DATASETS', 'PETS_PAT', 'ARCHS',
-           'DIGITS_VALID', 'PETS_VALID_PCT', 'METRICS', 'OUTPUTS', 'CompareError', 'make_loss', 'make_cbs',
-           'digits_data', 'digits_cnn', 'pet_files', 'pets_data', 'pretrained_available', 'evaluate', 'summarize',
-           'format_table', 'Comparison', 'compare', 'main']
+__all__ = ['GROUP_WITHIN', 'DATASETS', 'METRICS', 'TS_METRICS', 'PAIRED_METRICS', 'OUTPUTS', 'Strategy', 'parse_strategy',
+           'make_loss', 'make_cbs', 'scores', 'evaluate', 'summarize', 'format_table', 'paired_differences',
+           'format_paired', 'Comparison', 'compare']
 
 # %% ../nbs/03_compare.ipynb #08618b98
-STRATEGIES = ('ce', 'ls', 'anneal', 'ce+temp')
-EXTRA_STRATEGIES = ('ols', 'group')
-OLS_EPS = 0.5
 GROUP_WITHIN = 0.8
-GROUPINGS = dict(pets=pets_species_groups) # the datasets `group` can train on: class names → groups of similar classes
-DATASETS = ('digits', 'pets')
-PETS_PAT = r'^(.+)_\d+\.jpg$'
-ARCHS = dict(resnet18=resnet18, resnet34=resnet34, resnet50=resnet50, resnet101=resnet101, resnet152=resnet152)
+DATASETS = dict(digits=DigitsData, pets=PetsData, cifar10=Cifar10Data)
 
-class CompareError(ValueError):
-    "A problem with the arguments or the data of a comparison, with a message meant for the user"
+class Strategy(NamedTuple):
+    "One way to train: `name` as written in results, the `kind` of loss and callbacks, its ε and its ε schedule"
+    name:str; kind:str; eps:float; schedule:str=''
+
+def parse_strategy(
+    spec:str, # `kind`, `kind:eps`, or for anneal `anneal:schedule`, `anneal:schedule:eps`; e.g. 'ls:0.05', 'anneal:two_stage:0.1'
+    eps:float=0.1, # ε when `spec` gives none (`ols`: `OLS_EPS`)
+    schedule:str='cos', # ε schedule of `anneal` when `spec` gives none
+)->Strategy:
+    "The `Strategy` that `spec` names, or a `CompareError` saying what is wrong with it"
+    kind, *rest = str(spec).strip().split(':')
+    if kind == 'ce+temp':
+        raise CompareError("strategy 'ce+temp' was dropped: every strategy is now also reported after temperature scaling "
+                           "fitted on the held-out calibration set (the *_ts columns); the ce rows hold what ce+temp did")
+    if kind not in KINDS: raise CompareError(f"unknown strategy {spec!r}; choose from {', '.join(KINDS)} (e.g. ls:0.05, anneal:two_stage:0.1)")
+    if kind == 'ce' and rest: raise CompareError(f"strategy {spec!r}: ce takes no ε or schedule")
+    if kind == 'anneal' and rest and rest[0] in EPS_SCHEDULES: schedule, rest = rest[0], rest[1:]
+    elif kind == 'anneal' and rest and not rest[0].replace('.', '', 1).isdigit():
+        raise CompareError(f"strategy {spec!r}: unknown schedule {rest[0]!r}; choose from {', '.join(EPS_SCHEDULES)}")
+    if len(rest) > 1: raise CompareError(f"strategy {spec!r} has too many ':' parts; expected e.g. ls:0.05 or anneal:cos:0.2")
+    if rest:
+        try: eps = float(rest[0])
+        except ValueError: raise CompareError(f"strategy {spec!r}: {rest[0]!r} is not a number (the ε)") from None
+    elif kind == 'ols': eps = OLS_EPS
+    if kind == 'ce': return Strategy('ce', 'ce', 0.)
+    if not 0 < eps < 1: raise CompareError(f"strategy {spec!r}: ε must be in (0, 1); got {eps}")
+    if kind != 'anneal': return Strategy(str(spec).strip(), kind, eps)
+    if schedule not in EPS_SCHEDULES: raise CompareError(f"unknown schedule {schedule!r}; choose from {', '.join(EPS_SCHEDULES)}")
+    try: EPS_SCHEDULES[schedule](eps)
+    except ValueError as e: raise CompareError(f"strategy {spec!r}: schedule {schedule!r} with ε={eps}: {e}") from None
+    return Strategy(str(spec).strip(), kind, eps, schedule)
 
 # %% ../nbs/03_compare.ipynb #94069fb6
 def make_loss(
-    strategy:str, # One of `STRATEGIES` or `EXTRA_STRATEGIES`
-    eps:float=0.1, # Label-smoothing ε for `ls` and `group`, and the starting ε of `anneal` (`ols` trains at `OLS_EPS`)
+    strategy:Strategy|str, # A `Strategy`, or a spec for `parse_strategy`
     prior:Tensor|None=None, # The class-group prior of `group`
 ):
     "The loss a strategy trains with"
-    if strategy in ('ce', 'ce+temp'): return CrossEntropyLossFlat()
-    if (strategy == 'group') != (prior is not None):
-        raise ValueError(f"strategy 'group' needs the class-group prior, and only it takes one; got strategy {strategy!r} "
+    s = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+    if s.kind == 'ce': return CrossEntropyLossFlat()
+    if (s.kind == 'group') != (prior is not None):
+        raise ValueError(f"strategy 'group' needs the class-group prior, and only it takes one; got strategy {s.name!r} "
                          f"{'with' if prior is not None else 'without'} a prior")
-    return LabelSmoothingCE(OLS_EPS if strategy == 'ols' else eps, prior=prior)
+    return LabelSmoothingCE(s.eps, prior=prior)
 
 def make_cbs(
-    strategy:str, # One of `STRATEGIES` or `EXTRA_STRATEGIES`
-    eps:float=0.1, # Starting ε of the schedule
-    schedule:str='cos', # Name of the ε schedule in `EPS_SCHEDULES`
+    strategy:Strategy|str, # A `Strategy`, or a spec for `parse_strategy`
 )->list:
     "The callbacks a strategy trains with"
-    if strategy == 'anneal': return [AnnealSmoothing(EPS_SCHEDULES[schedule](eps), show_eps=False)]
-    return [OnlineLabelSmoothing()] if strategy == 'ols' else []
-
-# %% ../nbs/03_compare.ipynb #244be280
-DIGITS_VALID = 500
-
-def digits_data(
-    train_size:int=200, # Number of training images, at most 1,297
-    bs:int=32, # Batch size
-    device=None, # Device of the batches; None: fastai's default device
-)->DataLoaders:
-    "`DataLoaders` of sklearn's 8×8 digits as `(1, 8, 8)` images, with a fixed validation set of 500"
-    from sklearn.datasets import load_digits
-    X, y = load_digits(return_X_y=True)
-    n_pool = len(X) - DIGITS_VALID
-    if not 10 <= train_size <= n_pool: raise CompareError(f"--train-size must be between 10 and {n_pool} for digits; got {train_size}")
-    x = torch.tensor(X/16., dtype=torch.float32).view(-1, 1, 8, 8)
-    y = torch.tensor(y, dtype=torch.long)
-    # a generator of its own: the split stays fixed whatever the run's seed
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    vi, ti = idx[:DIGITS_VALID], idx[DIGITS_VALID:DIGITS_VALID+train_size]
-    # worker processes cost far more than indexing in-memory tensors
-    dls = DataLoaders.from_dsets(TensorDataset(x[ti], y[ti]), TensorDataset(x[vi], y[vi]), bs=bs, num_workers=0, device=device)
-    dls.c = 10
-    return dls
-
-def digits_cnn(
-    nf:int=32, # Channels of the first convolution, doubled at each stride-2 layer
-)->nn.Module:
-    "A small CNN for 8×8 digits: three fastai `ConvLayer`s (conv, batchnorm, ReLU), average pooling, a linear head"
-    return nn.Sequential(ConvLayer(1, nf), ConvLayer(nf, 2*nf, stride=2), ConvLayer(2*nf, 4*nf, stride=2),
-                         nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(4*nf, 10))
-
-# %% ../nbs/03_compare.ipynb #df360f55
-PETS_VALID_PCT = 0.2
-
-def _image_problem(f:Path)->str|None:
-    "Why the image `f` cannot be decoded, or None if it can"
-    try:
-        # `draft` decodes a JPEG at 1/8 scale, several times faster, but still reads every byte: a truncated file fails
-        with Image.open(f) as im: im.draft('RGB', (1, 1)); im.load()
-    except Exception as e: return f"{type(e).__name__}: {e}"  # OSError (truncated, not an image), DecompressionBombError...
-
-def pet_files(
-    path, # Folder of `<breed>_<number>.jpg` images, or a dataset root with an `images/` folder
-    pat:str=PETS_PAT, # Regular expression whose first group is the label
-)->L:
-    "The images under `path` whose names match `pat`, or a `CompareError` that says what is wrong with `path` or an image"
-    path = Path(path).expanduser()
-    if not path.exists(): raise CompareError(f"--path {path} does not exist")
-    if not path.is_dir(): raise CompareError(f"--path {path} is not a folder")
-    if (path/'images').is_dir(): path = path/'images'
-    files = get_image_files(path)
-    if not files: raise CompareError(f"--path {path} contains no images")
-    ok = files.filter(lambda f: re.match(pat, f.name) is not None)
-    if not ok:
-        raise CompareError(f"none of the {len(files)} images in {path} has a name matching {pat} "
-                           f"(e.g. {files[0].name!r}); pets images are named like 'great_pyrenees_101.jpg'")
-    if len(ok) < len(files): warnings.warn(f"skipping {len(files)-len(ok)} images in {path} whose names do not match {pat}")
-    labels = {re.match(pat, f.name).group(1) for f in ok}
-    if len(labels) < 2: raise CompareError(f"the images in {path} have fewer than 2 labels ({labels}); nothing to classify")
-    bad = [(f, why) for f in ok if (why := _image_problem(f))]
-    if bad:
-        raise CompareError(f"{len(bad)} of the {len(ok)} images in {path} cannot be read; remove or replace them: " +
-                           '; '.join(f"{f.name} ({why})" for f, why in bad[:5]) + ('; ...' if len(bad) > 5 else ''))
-    return ok
-
-def pets_data(
-    files:L, # Images from `pet_files`
-    size:int=224, # Training image size, after `aug_transforms`
-    bs:int=64, # Batch size
-    pat:str=PETS_PAT, # Regular expression whose first group is the label
-    num_workers:int|None=None, # Data-loading processes; None: fastai's default
-    device=None, # Device of the batches; None: fastai's default device
-)->DataLoaders:
-    "Pets `DataLoaders` as in fastai's tutorial: labels from names, presizing, `aug_transforms`, a fixed 20% validation set"
-    kw = {} if num_workers is None else dict(num_workers=num_workers)
-    return ImageDataLoaders.from_name_re(files[0].parent, files, pat, valid_pct=PETS_VALID_PCT, seed=42, bs=bs, device=device,
-        item_tfms=Resize(round(size*460/224)), batch_tfms=aug_transforms(size=size, min_scale=0.75), **kw)
-
-# %% ../nbs/03_compare.ipynb #59c239dc
-def pretrained_available(
-    arch, # A torchvision model function, e.g. `resnet34`
-    timeout:float=60., # Seconds to wait for the weights; on a network that drops packets a download never returns
-)->str|None: # None when the weights load, else why they do not
-    "Try to load `arch`'s ImageNet weights (downloading them if needed)"
-    why = ["the weights' server did not answer within {timeout:g} s"]
-    def _load():
-        try: create_vision_model(arch, 2, pretrained=True); why[0] = None
-        except Exception as e: why[0] = f"{type(e).__name__}: {e}"   # URLError, bad checksums, a full disk...
-    loader = threading.Thread(target=_load, daemon=True)   # daemon: a hung download must not keep the process alive
-    loader.start(); loader.join(timeout)
-    return why[0].format(timeout=timeout) if why[0] else None
+    s = strategy if isinstance(strategy, Strategy) else parse_strategy(strategy)
+    if s.kind == 'anneal': return [AnnealSmoothing(EPS_SCHEDULES[s.schedule](s.eps), show_eps=False)]
+    return [OnlineLabelSmoothing()] if s.kind == 'ols' else []
 
 # %% ../nbs/03_compare.ipynb #09a7bc52
 class _RunLog(Callback):
     "Record the training ε of every batch, the epochs run and the training time"
     order = 100  # after `AnnealSmoothing` has set ε in `before_batch`
-    def __init__(self): self.eps, self.n_epochs, self.secs, self.t0 = [], 0, 0., None
+    def __init__(self): self.eps, self.n_epochs, self.n_items, self.secs, self.t0 = [], 0, 0, 0., None
     def before_train(self): self.t0 = time.perf_counter()
     def after_epoch(self):
         if self.t0 is None: return  # `get_preds` and `validate` run epochs without training
         self.n_epochs += 1; self.secs += time.perf_counter() - self.t0; self.t0 = None
     def after_batch(self):
-        if self.training: self.eps.append(float(getattr(self.learn.loss_func, 'eps', 0.)))
+        if self.training: self.eps.append(float(getattr(self.learn.loss_func, 'eps', 0.))); self.n_items += find_bs(self.yb)
+
+class _ValidLast(Callback):
+    "Skip the validation pass of every epoch but the last of each fit: the comparison scores the model once, at the end"
+    skip = False
+    # `before_train`, not `before_epoch`: `get_preds` and `validate` run `before_fit` and `before_epoch` too
+    def before_train(self): self.skip = self.epoch < self.n_epoch - 1
+    def before_validate(self):
+        if self.skip: raise CancelValidException
+    def after_epoch(self): self.skip = False
+
+def _logits(learn:Learner, dl=None)->tuple:
+    "Logits and targets on the validation set (or `dl`) as float CPU tensors; `FloatingPointError` if any is not finite"
+    logits, targs = learn.get_preds(ds_idx=1, dl=dl, act=noop)
+    logits, targs = logits.float().cpu(), targs.cpu()
+    bad = (~logits.isfinite()).any(1).sum().item()
+    if bad: raise FloatingPointError(f"the model diverged: {bad} of its {len(logits)} outputs are NaN or infinite (a lower --lr may help)")
+    return logits, targs
+
+def scores(
+    logits:Tensor, # Logits, `(N, C)`
+    targs:Tensor, # Class indices, `(N,)`
+)->dict:
+    "Error rate, NLL, ECE (15 bins) and Brier score of `logits`"
+    return dict(error_rate=(logits.argmax(1) != targs).double().mean().item(), nll=float(NLL(from_logits=True)(logits, targs)),
+                ece=float(ECE(from_logits=True)(logits, targs)), brier=float(MultiBrier(from_logits=True)(logits, targs)))
 
 def evaluate(
     learn:Learner, # A trained `Learner`
-)->tuple: # `(metrics dict, logits, targets)`
-    "Error rate, NLL, ECE and Brier score on the validation set of `learn`; `FloatingPointError` if its outputs are not finite"
-    logits, targs = learn.get_preds(ds_idx=1, act=noop)
-    logits, targs = logits.float().cpu(), targs.cpu()
-    bad = (~logits.isfinite()).any(1).sum().item()
-    if bad: raise FloatingPointError(f"the model diverged: {bad} of its {len(logits)} validation outputs are NaN or infinite "
-                                     f"(a lower --lr may help)")
-    res = dict(error_rate=(logits.argmax(1) != targs).double().mean().item(), nll=NLL(from_logits=True)(logits, targs),
-               ece=ECE(from_logits=True)(logits, targs), brier=MultiBrier(from_logits=True)(logits, targs))
-    return res, logits, targs
+    calib_dl:DataLoader, # Held-out data to fit the temperature on
+)->tuple: # `(metrics dict, validation logits, targets)`
+    "`scores` on the validation set, raw and (`_ts`) after temperature scaling fitted on `calib_dl`, and the temperature"
+    logits, targs = _logits(learn)
+    T = fit_temperature(*_logits(learn, calib_dl))
+    return {**scores(logits, targs), **{f'{k}_ts': v for k, v in scores(logits/T, targs).items()}, 'temperature': T}, logits, targs
 
 # %% ../nbs/03_compare.ipynb #8ef67f91
 METRICS = dict(error_rate='error %', nll='NLL', ece='ECE', brier='Brier')
+TS_METRICS = dict(nll_ts='NLL', ece_ts='ECE', brier_ts='Brier', temperature='T')
+PAIRED_METRICS = dict(error_rate='error (points)', nll='NLL', ece='ECE', brier='Brier', nll_ts='NLL after TS', ece_ts='ECE after TS')
+
+def _fmt(k:str, v:float, signed:bool=False)->str:
+    "Error rates in percent with 2 decimals, the rest with 4"
+    s = f"{v*100:{'+' if signed else ''}.2f}" if k == 'error_rate' else f"{v:{'+' if signed else ''}.4f}"
+    return s.replace('-', '−') if signed else s
 
 def summarize(
-    df:pd.DataFrame, # Per-run results, with `strategy` and the `METRICS` columns
+    df:pd.DataFrame, # Per-run results, with `strategy` and the metric columns
+    cols:dict=METRICS, # Columns to summarise
 )->pd.DataFrame:
-    "Mean and std over seeds of each metric, per strategy, in the order the strategies first appear; failed runs (NaN) are not counted"
-    g = df.groupby('strategy', sort=False)[list(METRICS)]
+    "Mean and std over seeds of each column, per strategy, in the order the strategies first appear; failed runs (NaN) are not counted"
+    g = df.groupby('strategy', sort=False)[list(cols)]
     return pd.concat(dict(mean=g.mean(), std=g.std(), n=g.count().iloc[:, 0]), axis=1)
 
 def format_table(
-    df:pd.DataFrame, # Per-run results, with `strategy` and the `METRICS` columns
+    df:pd.DataFrame, # Per-run results, with `strategy` and the metric columns
+    cols:dict=METRICS, # Columns to show, name → header
 )->str:
-    "A markdown table of `summarize(df)`: error in %, the others with 4 decimals; n/a where every run failed"
-    s = summarize(df)
+    "A markdown table of `summarize(df, cols)`: mean ± std, error in %, the others with 4 decimals; n/a where every run failed"
+    s = summarize(df, cols)
     def cell(k, strat):
-        f = 100 if k == 'error_rate' else 1
-        m, sd = s.loc[strat, ('mean', k)]*f, s.loc[strat, ('std', k)]*f
-        p = 2 if k == 'error_rate' else 4
+        m, sd = s.loc[strat, ('mean', k)], s.loc[strat, ('std', k)]
         if pd.isna(m): return 'n/a'
-        return f"{m:.{p}f}" + ('' if pd.isna(sd) else f" ± {sd:.{p}f}")
-    rows = [f"| strategy | seeds | {' | '.join(METRICS.values())} |", '|---|---:|' + '---:|'*len(METRICS)]
-    rows += [f"| {st} | {s.loc[st, 'n'].item()} | {' | '.join(cell(k, st) for k in METRICS)} |" for st in s.index]
+        return _fmt(k, m) + ('' if pd.isna(sd) else f" ± {_fmt(k, sd)}")
+    rows = [f"| strategy | seeds | {' | '.join(cols.values())} |", '|---|---:|' + '---:|'*len(cols)]
+    rows += [f"| {st} | {s.loc[st, 'n'].item()} | {' | '.join(cell(k, st) for k in cols)} |" for st in s.index]
+    return '\n'.join(rows)
+
+def paired_differences(
+    df:pd.DataFrame, # Per-run results, with `strategy`, `seed` and the metric columns
+    baseline:str='ce', # The strategy every other one is compared with
+    cols:dict=PAIRED_METRICS, # Columns to compare
+    level:float=0.95, # Confidence level of the t-interval
+)->pd.DataFrame:
+    "Per strategy and column: mean, std and t-interval over seeds of (strategy − baseline), from the seeds where both succeeded"
+    from scipy.stats import t as student_t
+    by = {st: g.set_index('seed')[list(cols)] for st, g in df.groupby('strategy', sort=False)}
+    rows = []
+    for st, g in by.items():
+        if st == baseline: continue
+        for k in cols:
+            d = (g[k] - by[baseline][k]).dropna()
+            n, m, sd = len(d), d.mean(), d.std()
+            h = student_t.ppf((1 + level)/2, n - 1)*sd/math.sqrt(n) if n > 1 else math.nan
+            rows.append(dict(strategy=st, metric=k, n=n, mean=m, std=sd, lo=m - h, hi=m + h, excludes_0=bool(n > 1 and (m - h > 0 or m + h < 0))))
+    return pd.DataFrame(rows, columns=['strategy', 'metric', 'n', 'mean', 'std', 'lo', 'hi', 'excludes_0'])
+
+def format_paired(
+    df:pd.DataFrame, # Per-run results
+    baseline:str='ce', # The reference strategy
+    cols:dict=PAIRED_METRICS, # Columns to compare
+)->str:
+    "Markdown table of `paired_differences`: mean ± std [95% t-interval], bold where the interval excludes 0"
+    p = paired_differences(df, baseline, cols)
+    if p.empty: return ''
+    def cell(r):
+        if not r.n: return 'n/a'
+        s = f"{_fmt(r.metric, r.mean, True)} ± {_fmt(r.metric, r.std)}" if r.n > 1 else _fmt(r.metric, r.mean, True)
+        if r.n > 1: s += f" [{_fmt(r.metric, r.lo, True)}, {_fmt(r.metric, r.hi, True)}]"
+        return f"**{s}**" if r.excludes_0 else s
+    rows = [f"| strategy − {baseline} | seeds | {' | '.join(cols.values())} |", '|---|---:|' + '---:|'*len(cols)]
+    for st, g in p.groupby('strategy', sort=False):
+        rows.append(f"| {st} | {g.n.max()} | {' | '.join(cell(r) for r in g.itertuples())} |")
     return '\n'.join(rows)
 
 # %% ../nbs/03_compare.ipynb #07837766
@@ -211,73 +207,74 @@ def _check_device(device:str)->torch.device:
     if (d.index or 0) >= n: raise CompareError(f"--device {device!r}: this machine has {n} {d.type} device(s)")
     return d
 
+def _data_options(name)->list: return [k for k in inspect.signature(DATASETS[name]).parameters if k not in ('calib_size', 'label_noise')]
+
 OUTPUTS = ('results.csv', 'summary.md', 'reliability.png', 'eps_schedule.png')
 
 class Comparison:
     "Train one architecture with several label-smoothing strategies over several seeds and compare them"
     def __init__(self,
-        dataset:str='digits', # 'digits' (sklearn's, bundled) or 'pets' (Oxford-IIIT pets)
-        strategies:list|str=STRATEGIES, # Strategies from `STRATEGIES` and `EXTRA_STRATEGIES`, a list or comma-separated
+        dataset:str='digits', # A name in `DATASETS`: 'digits' (sklearn's, bundled), 'pets' or 'cifar10'
+        strategies:list|str=STRATEGIES, # Specs for `parse_strategy`, a list or comma-separated, e.g. 'ce,ls:0.05,anneal:two_stage'
         seeds:int=3, # Number of seeds (0, 1, ... seeds-1)
-        eps:float=0.1, # ε of `ls` and `group`, and the starting ε of `anneal` (`ols` trains at `OLS_EPS`)
-        schedule:str='cos', # ε schedule of `anneal`, a name in `EPS_SCHEDULES`
-        epochs:int|None=None, # Training epochs; None: 40 for digits, 4 for pets
-        lr:float|None=None, # Maximum learning rate; None: 1e-2 for digits, 2e-3 for pets (fine-tuned) or 1e-2 (scratch)
-        bs:int|None=None, # Batch size, at most the training set's size; None: 32 for digits, 64 for pets, or that size if smaller
-        train_size:int=200, # digits: number of training images (the validation set is always the same 500)
-        path:str|Path|None=None, # pets: the images, or the dataset root; None: `untar_data(URLs.PETS)`
-        arch:str='resnet34', # pets: torchvision ResNet, a name in `ARCHS`
-        pretrained:bool=True, # pets: start from ImageNet weights (`fine_tune`) rather than random ones (`fit_one_cycle`)
-        scratch_fallback:bool=False, # pets: when the pretrained weights cannot be loaded, train from scratch rather than stop
-        size:int=224, # pets: training image size
-        num_workers:int|None=None, # pets: data-loading processes; None: fastai's default
+        eps:float=0.1, # ε of strategies that give none (`ols` trains at `OLS_EPS`)
+        schedule:str='cos', # ε schedule of `anneal` when the strategy gives none, a name in `EPS_SCHEDULES`
+        epochs:int|None=None, # Training epochs; None: the dataset's budget
+        lr:float|None=None, # Maximum learning rate; None: the dataset's budget
+        bs:int|None=None, # Batch size, at most the training set's size; None: the dataset's budget, or that size if smaller
+        calib_size:int|None=None, # Training images held out to fit temperature scaling on; None: the dataset's default
+        label_noise:float=0., # Fraction of the training labels replaced by another class, the same for every run
+        baseline:str='ce', # Strategy the paired differences are taken against; None or absent: the first strategy
         fp16:bool|None=None, # Mixed precision (`to_fp16`); None: on when training on CUDA
         device:str|None=None, # 'cpu', 'cuda', ...; None: fastai's default device
-        threads:int|None=None, # CPU threads for torch during the runs; None: 1 for digits on CPU, else torch's default
+        threads:int|None=None, # CPU threads for torch during the runs; None: the dataset's choice
         out:str|Path='fastai_ls_results', # Folder for the CSV and the plots; one holding an earlier comparison's is refused
         overwrite:bool=False, # Replace an earlier comparison's files in `out` (once the first new run has finished)
         show_progress:bool=True, # Show fastai's progress bars and epoch tables
+        **data_options, # Options of the dataset's class (`DigitsData`, `PetsData`, `Cifar10Data`), e.g. `train_size`, `path`, `arch`
     ):
-        store_attr()
-        self._check()
-        self.epochs = ifnone(epochs, 40 if dataset == 'digits' else 4)
-        self.device = _check_device(device) if device else default_device()
-        # the digits CNN is too small for two threads to help: on a busy 2-core machine they made a run 20x slower
-        self.threads = ifnone(threads, 1 if dataset == 'digits' and self.device.type == 'cpu' else None)
+        store_attr(but='data_options')
+        self._check(data_options)
+        self.data = DATASETS[dataset](**data_options, calib_size=calib_size, label_noise=label_noise)
+        budget = self.data.budget(self.device)
+        self.epochs, self.lr = ifnone(epochs, budget['epochs']), ifnone(lr, budget['lr'])
+        self.threads = ifnone(threads, self.data.threads(self.device))
         self.fp16 = ifnone(fp16, self.device.type == 'cuda')
-        if dataset == 'pets': self.files = pet_files(self._pets_path())
-        self._check_sizes()
-        if dataset == 'pets' and self.pretrained: self._check_weights()
-        self.lr = ifnone(lr, 2e-3 if dataset == 'pets' and self.pretrained else 1e-2)
+        self.n_train, self.n_calib, self.n_valid = self.data.n_train, self.data.n_calib, self.data.n_valid
+        # the training `DataLoader` drops its last incomplete batch: with fewer images than one batch nothing would train
+        if self.bs is None: self.bs = min(budget['bs'], self.n_train)
+        elif self.bs > self.n_train:
+            raise CompareError(f"--bs {self.bs} is larger than the {self.n_train} training images, so no training step "
+                               f"would run (fastai drops the last incomplete batch); pass --bs {self.n_train} or less")
 
-    def _check(self):
+    def _check(self, data_options):
         "Everything that can be checked without data, with messages that name the option"
         if self.dataset not in DATASETS: raise CompareError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        if isinstance(self.strategies, str): self.strategies = [self.strategies]
-        self.strategies = [s.strip() for o in self.strategies for s in o.split(',')]  # 'ce,ls' or ['ce', 'ls']
-        known = STRATEGIES + EXTRA_STRATEGIES
-        bad = [s for s in self.strategies if s not in known]
-        if bad: raise CompareError(f"unknown strategy {bad[0]!r}; choose from {', '.join(known)}")
-        if not self.strategies: raise CompareError("no strategies to compare")
-        # canonical order, so that `ce+temp` can reuse the `ce` model of the same seed
-        self.strategies = [s for s in known if s in self.strategies]
-        if 'group' in self.strategies and self.dataset not in GROUPINGS:
-            raise CompareError(f"strategy 'group' needs groups of similar classes, which {self.dataset} does not have; "
-                               f"it is for --dataset {', '.join(GROUPINGS)}")
+        for k in data_options:
+            if k not in _data_options(self.dataset):
+                takes = [n for n in DATASETS if k in _data_options(n)]
+                raise CompareError(f"--{k.replace('_', '-')} is not an option of --dataset {self.dataset}" +
+                                   (f"; it is for --dataset {', '.join(takes)}" if takes else ''))
         if not 0 < self.eps < 1: raise CompareError(f"--eps must be in (0, 1); got {self.eps}")
+        specs = [self.strategies] if isinstance(self.strategies, str) else self.strategies
+        specs = [s.strip() for o in specs for s in str(o).split(',')]  # 'ce,ls' or ['ce', 'ls']
+        if not specs: raise CompareError("no strategies to compare")
+        self.strategies = [parse_strategy(s, self.eps, self.schedule) for s in specs]
+        names = [s.name for s in self.strategies]
+        if dup := next((n for i, n in enumerate(names) if n in names[:i]), None): raise CompareError(f"strategy {dup!r} is given twice")
+        if self.baseline not in names: self.baseline = names[0]
+        if any(s.kind == 'group' for s in self.strategies) and DATASETS[self.dataset].groups is None:
+            have = [n for n, d in DATASETS.items() if d.groups is not None]
+            raise CompareError(f"strategy 'group' needs groups of similar classes, which {self.dataset} does not have; "
+                               f"it is for --dataset {', '.join(have)}")
         if self.schedule not in EPS_SCHEDULES:
             raise CompareError(f"unknown schedule {self.schedule!r}; choose from {', '.join(EPS_SCHEDULES)}")
-        try: EPS_SCHEDULES[self.schedule](self.eps)
-        except ValueError as e: raise CompareError(f"schedule {self.schedule!r} with eps={self.eps}: {e}") from None
         if self.seeds < 1: raise CompareError(f"--seeds must be at least 1; got {self.seeds}")
-        for k in ('epochs', 'bs', 'size', 'threads'):
+        for k in ('epochs', 'bs', 'threads'):
             v = getattr(self, k)
-            if v is not None and v < 1: raise CompareError(f"--{k.replace('_', '-')} must be at least 1; got {v}")
+            if v is not None and v < 1: raise CompareError(f"--{k} must be at least 1; got {v}")
         if self.lr is not None and not 0 < self.lr < math.inf: raise CompareError(f"--lr must be a finite number > 0; got {self.lr}")
-        if self.dataset == 'digits':
-            if self.path is not None: raise CompareError("--path is for --dataset pets; digits are bundled with scikit-learn")
-            digits_data(self.train_size)  # checks --train-size
-        if self.arch not in ARCHS: raise CompareError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
+        self.device = _check_device(self.device) if self.device else default_device()
         self.out = Path(self.out).expanduser()
         self._check_out()
 
@@ -294,74 +291,32 @@ class Comparison:
             raise CompareError(f"--out {out} already holds {', '.join(old)} from an earlier comparison; choose another "
                                f"--out, or pass --overwrite to replace them")
 
-    def _pets_path(self)->Path:
-        "`path`, or the downloaded dataset, or a message that says plainly why there is none"
-        if self.path is not None: return self.path
-        try: return untar_data(URLs.PETS)
-        except OSError as e:   # offline: urllib's URLError is an OSError
-            raise CompareError(f"could not download the Oxford-IIIT Pets dataset from {URLs.PETS} ({e}); pass --path "
-                               f"with a local copy of its images (a clone of fastai_ls has a 370-photo sample in "
-                               f"tests/data/oxford-iiit-pet)") from None
-
-    def _check_sizes(self):
-        "Training and validation set sizes, and a batch size that leaves at least one training batch"
-        if self.dataset == 'digits': self.n_train, self.n_valid = self.train_size, DIGITS_VALID
-        else:
-            self.n_valid = int(PETS_VALID_PCT*len(self.files))  # as fastai's `RandomSplitter` cuts
-            self.n_train = len(self.files) - self.n_valid
-            if not self.n_valid: raise CompareError(f"--path {self.files[0].parent} has only {len(self.files)} images: the "
-                                                    f"{PETS_VALID_PCT:.0%} validation set would be empty")
-        # the training `DataLoader` drops its last incomplete batch: with fewer images than one batch nothing would train
-        if self.bs is None: self.bs = min(32 if self.dataset == 'digits' else 64, self.n_train)
-        elif self.bs > self.n_train:
-            raise CompareError(f"--bs {self.bs} is larger than the {self.n_train} training images, so no training step "
-                               f"would run (fastai drops the last incomplete batch); pass --bs {self.n_train} or less")
-
-    def _check_weights(self):
-        "Make sure the pretrained weights are there, or say plainly that they are not"
-        if not (why := pretrained_available(ARCHS[self.arch])): return
-        msg = f"the ImageNet weights of {self.arch} could not be loaded ({why})"
-        if not self.scratch_fallback:
-            raise CompareError(f"{msg}. Connect to the internet once (torchvision caches them in "
-                               f"~/.cache/torch/hub/checkpoints), or pass --no-pretrained or --scratch-fallback "
-                               f"to train from random weights")
-        warnings.warn(f"{msg}; training from random weights instead, as --scratch-fallback asks")
-        self.pretrained = False
-
-    def dls(self)->DataLoaders:
-        "The `DataLoaders` of the dataset (seed first: batch order and augmentations depend on it)"
-        if self.dataset == 'digits': return digits_data(self.train_size, self.bs, self.device)
-        return pets_data(self.files, self.size, self.bs, num_workers=self.num_workers, device=self.device)
-
-    def learner(self, strategy:str)->Learner:
-        "A new `Learner` for `strategy`"
-        dls = self.dls()
-        prior = group_prior(GROUPINGS[self.dataset](dls.vocab), len(dls.vocab), GROUP_WITHIN) if strategy == 'group' else None
-        kw = dict(loss_func=make_loss(strategy, self.eps, prior), metrics=error_rate,
-                  cbs=make_cbs(strategy, self.eps, self.schedule) + [_RunLog()])
-        if self.dataset == 'digits': learn = Learner(dls, digits_cnn(), **kw)
-        else: learn = vision_learner(dls, ARCHS[self.arch], pretrained=self.pretrained, **kw)
+    def learner(self, strategy:Strategy)->tuple:
+        "A new `Learner` for `strategy`, and the calibration `DataLoader`"
+        dls, calib = self.data.loaders(self.bs, self.device)
+        prior = group_prior(self.data.groups(dls.vocab), len(dls.vocab), GROUP_WITHIN) if strategy.kind == 'group' else None
+        learn = self.data.learner(dls, self.device, loss_func=make_loss(strategy, prior), metrics=error_rate,
+                                  cbs=make_cbs(strategy) + [_RunLog(), _ValidLast()])
         if not self.show_progress: learn.remove_cbs(ProgressCallback); learn.logger = noop  # no bars, no epoch table
-        return learn.to_fp16() if self.fp16 else learn
+        return (learn.to_fp16() if self.fp16 else learn), calib
 
     def fit(self, learn:Learner):
-        "`fine_tune` a pretrained model, `fit_one_cycle` one from scratch"
-        if self.dataset == 'pets' and self.pretrained: learn.fine_tune(self.epochs, self.lr)
-        else: learn.fit_one_cycle(self.epochs, self.lr)
+        "Train `learn` as the dataset does, with this comparison's budget"
+        self.data.fit(learn, self.epochs, self.lr)
 
 # %% ../nbs/03_compare.ipynb #1aab952e
 @patch
 def run(self:Comparison)->pd.DataFrame:
-    "Train every (seed, strategy), appending each result to `out/results.csv`; then plot and print the table"
+    "Train every (seed, strategy), appending each result to `out/results.csv`; then plot and print the tables"
     self._check_out()  # again: `out` may have filled since the checks, e.g. by an earlier `run`
-    self.rows, self.preds, self.eps_logs, self._ce = [], {}, {}, None
+    self.rows, self.preds, self.eps_logs = [], {}, {}
     runs = [(seed, st) for seed in range(self.seeds) for st in self.strategies]
     # set_seed(reproducible=True) switches cuDNN to deterministic kernels; the caller's settings come back afterwards
     threads, cudnn = torch.get_num_threads(), (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if self.threads: torch.set_num_threads(self.threads)
     try:
         for i, (seed, st) in enumerate(runs):
-            print(f"[{i+1}/{len(runs)}] {self.dataset}: {st}, seed {seed}", flush=True)
+            print(f"[{i+1}/{len(runs)}] {self.dataset}: {st.name}, seed {seed}", flush=True)
             self._append(self._run_one(seed, st))
     except KeyboardInterrupt:
         if not self.rows: print(f"\nInterrupted before the first run finished; nothing was written to {self.out}", file=sys.stderr)
@@ -375,40 +330,31 @@ def run(self:Comparison)->pd.DataFrame:
     return self._report()
 
 @patch
-def _run_one(self:Comparison, seed, strategy)->dict:
-    "Train (or, for `ce+temp`, reuse the `ce` model of this seed) and evaluate one run; a failure is recorded, not raised"
+def _run_one(self:Comparison, seed:int, strategy:Strategy)->dict:
+    "Train and evaluate one run; a failure is recorded, not raised"
     nan = float('nan')
-    row = dict(dataset=self.dataset, strategy=strategy, seed=seed, **dict.fromkeys(METRICS, nan), temperature=nan,
-               eps=OLS_EPS if strategy == 'ols' else self.eps, schedule=self.schedule if strategy == 'anneal' else '',
-               lr=self.lr, bs=self.bs, epochs_run=0, iters=0, train_s=nan, epoch_s=nan, n_train=self.n_train, n_valid=self.n_valid,
-               model='cnn' if self.dataset == 'digits' else self.arch, pretrained=self.dataset == 'pets' and self.pretrained,
-               device=str(self.device), fp16=self.fp16, status='ok', error='')
+    row = dict(dataset=self.dataset, strategy=strategy.name, seed=seed, **dict.fromkeys(METRICS, nan),
+               **{f'{k}_ts': nan for k in METRICS}, temperature=nan, eps=strategy.eps, schedule=strategy.schedule,
+               label_noise=self.label_noise, lr=self.lr, bs=self.bs, epochs_run=0, iters=0, train_s=nan, epoch_s=nan,
+               images_per_s=nan, n_train=self.n_train, n_calib=self.n_calib, n_valid=self.n_valid,
+               model=self.data.model_name(self.device),
+               pretrained=getattr(self.data, 'pretrained', False), device=str(self.device), fp16=self.fp16, status='ok', error='')
     learn = None
-    if strategy == 'ce+temp' and self._ce is not None and self._ce[0] == seed:
-        learn, why = self._ce[1:]
-        if why: row.update(status='failed', error=f"the ce model of this seed, which ce+temp reuses, failed ({why})")
-    if row['status'] == 'ok':
-        try:
-            if learn is None:
-                set_seed(seed, reproducible=True)
-                learn = self.learner(strategy)
-                self.fit(learn)
-            res, logits, targs = evaluate(learn)
-            if strategy == 'ce+temp':
-                row['temperature'] = T = fit_temperature(logits, targs)
-                learn.add_cb(TemperatureScaling(T))
-                res, logits, targs = evaluate(learn)
-            row.update(res)
-            self.preds.setdefault(strategy, []).append((logits, targs))
-        except Exception as e:  # one diverged or crashed run must not take the others with it
-            row.update(status='failed', error=f"{type(e).__name__}: {e}")
-            if not isinstance(e, FloatingPointError): traceback.print_exc()  # a crash, not a divergence: show where
-    if row['status'] != 'ok': print(f"{strategy}, seed {seed} failed: {row['error']}", file=sys.stderr, flush=True)
-    if strategy == 'ce': self._ce = (seed, learn if row['status'] == 'ok' else None, row['error'])
+    try:
+        set_seed(seed, reproducible=True)
+        learn, calib = self.learner(strategy)
+        self.fit(learn)
+        res, logits, targs = evaluate(learn, calib)
+        row.update(res)
+        self.preds.setdefault(strategy.name, []).append((logits, targs))
+    except Exception as e:  # one diverged or crashed run must not take the others with it
+        row.update(status='failed', error=f"{type(e).__name__}: {e}")
+        if not isinstance(e, FloatingPointError): traceback.print_exc()  # a crash, not a divergence: show where
+        print(f"{strategy.name}, seed {seed} failed: {row['error']}", file=sys.stderr, flush=True)
     if learn is not None and (log := first(learn.cbs, risinstance(_RunLog))):
         row.update(epochs_run=log.n_epochs, iters=len(log.eps), train_s=round(log.secs, 2),
-                   epoch_s=round(log.secs/max(log.n_epochs, 1), 3))
-        if row['status'] == 'ok': self.eps_logs.setdefault(strategy, log.eps)
+                   epoch_s=round(log.secs/max(log.n_epochs, 1), 3), images_per_s=round(log.n_items/max(log.secs, 1e-9), 1))
+        if row['status'] == 'ok': self.eps_logs.setdefault(strategy.name, log.eps)
     return row
 
 @patch
@@ -427,103 +373,53 @@ def _append(self:Comparison, row:dict):
     self.rows.append(row)
 
 @patch
+def _setting(self:Comparison, df:pd.DataFrame)->str:
+    "What was compared, how, and how fast, for the summary"
+    epoch_s, ips = df.epoch_s.mean(), df.images_per_s.mean()  # runs that trained and then failed took their time too
+    return (f"{self.dataset}: {self.data.setting(self.device)}, {self.n_calib} calibration images (temperature scaling), "
+            f"{self.n_valid} validation images" + (f", {self.label_noise:.0%} of the training labels noisy" if self.label_noise else '') +
+            f"; {self.epochs} epochs, lr {self.lr:g}, bs {self.bs}; strategies " +
+            ', '.join(f"{s.name} (ε {s.eps:g}{', ' + s.schedule if s.schedule else ''}{', prior within %g' % GROUP_WITHIN if s.kind == 'group' else ''})"
+                      if s.kind != 'ce' else s.name for s in self.strategies) +
+            f"; mean ± std over {df.seed.nunique()} seed(s)" +
+            ('' if pd.isna(epoch_s) else f"; {epoch_s:.2f} s per epoch, {ips:,.0f} training images/s on {self.device}"
+             f"{' (fp16)' if self.fp16 else ''}"))
+
+@patch
 def _report(self:Comparison)->pd.DataFrame:
-    "Write the plots and `summary.md` of the finished runs, print the table, return the runs"
+    "Write the plots and `summary.md` of the finished runs, print the tables, return the runs"
     df = pd.DataFrame(self.rows)
-    n = df.seed.nunique()
     if self.preds:  # only successful runs have predictions
-        pooled = {k: (torch.cat([l for l, _ in v]), torch.cat([t for _, t in v])) for k, v in self.preds.items()}
-        fig = reliability_diagram(pooled, from_logits=True, title=f"{self.dataset}, validation set, {n} seed(s) pooled")
-        fig.savefig(self.out/'reliability.png', dpi=110)
+        fig = reliability_diagram(self.preds, from_logits=True, panels=len(self.preds) > 1,
+                                  title=f"{self.dataset}, validation set, before temperature scaling; bars pool the seeds")
+        fig.savefig(self.out/'reliability.png', dpi=100)
         fig = Figure(figsize=(6, 3.5), layout='constrained')
         ax = fig.subplots()
-        for i, (k, e) in enumerate(self.eps_logs.items()): ax.plot(e, label=k, ls='--' if k == 'ce+temp' else '-', lw=2)
+        for k, e in self.eps_logs.items(): ax.plot(e, label=k, lw=2)
         ax.set(xlabel='training iteration', ylabel='ε', title=f"ε per training batch ({self.dataset}, first seed)")
-        ax.legend(); fig.savefig(self.out/'eps_schedule.png', dpi=110)
-    epoch_s = df.epoch_s.mean()  # runs that trained and then failed took their time too
-    setting = (f"{self.dataset}: " + (f"small CNN, {self.n_train} training images" if self.dataset == 'digits' else
-               f"{self.arch} ({'pretrained, fine_tune' if self.pretrained else 'from scratch, fit_one_cycle'}), "
-               f"size {self.size}, {self.n_train} training images") +
-               f", {self.n_valid} validation images; {self.epochs} epochs, lr {self.lr:g}, bs {self.bs}, "
-               f"eps {self.eps}, anneal schedule {self.schedule!r}" + (f", ols eps {OLS_EPS}" if 'ols' in self.strategies else '') +
-               (f", group prior within {GROUP_WITHIN}" if 'group' in self.strategies else '') + f"; mean ± std over {n} seed(s)" +
-               ('' if pd.isna(epoch_s) else f"; {epoch_s:.2f} s per epoch on {self.device}{' (fp16)' if self.fp16 else ''}"))
-    table = format_table(df)
+        ax.legend(); fig.savefig(self.out/'eps_schedule.png', dpi=100)
+    tables = (f"{format_table(df)}\n\nAfter temperature scaling fitted on the calibration set (the error rate does not change):"
+              f"\n\n{format_table(df, TS_METRICS)}")
+    if len(self.strategies) > 1 and (paired := format_paired(df, self.baseline)):
+        tables += (f"\n\nPaired differences against {self.baseline}, per seed (mean ± std [95% t-interval]; bold: the "
+                   f"interval excludes 0; negative is better):\n\n{paired}")
     failed = df[df.status != 'ok']
     if len(failed):
-        table += (f"\n\n**{len(failed)} of {len(df)} runs failed**, left out of the table and the plots (in results.csv: "
-                  f"status 'failed', NaN metrics, the reason in `error`):\n\n" +
-                  '\n'.join(f"- {r.strategy}, seed {r.seed}: {r.error}" for r in failed.itertuples()))
-    (self.out/'summary.md').write_text(f"{setting}\n\n{table}\n")
+        tables += (f"\n\n**{len(failed)} of {len(df)} runs failed**, left out of the tables and the plots (in results.csv: "
+                   f"status 'failed', NaN metrics, the reason in `error`):\n\n" +
+                   '\n'.join(f"- {r.strategy}, seed {r.seed}: {r.error}" for r in failed.itertuples()))
+    setting = self._setting(df)
+    (self.out/'summary.md').write_text(f"{setting}\n\n{tables}\n")
     saved = 'Results, plots and summary' if self.preds else 'Results and summary (no plots: no run succeeded)'
-    print(f"\n{setting}\n\n{table}\n\n{saved} in {self.out}/", flush=True)
+    print(f"\n{setting}\n\n{tables}\n\n{saved} in {self.out}/", flush=True)
     return df
 
-# %% ../nbs/03_compare.ipynb #fd8839f2
 @delegates(Comparison)
 def compare(**kwargs)->pd.DataFrame:
     "Check the arguments, run a `Comparison`, and return its per-run results"
     return Comparison(**kwargs).run()
 
 # %% ../nbs/03_compare.ipynb #1af0fb1f
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    "argparse's '(default: X)', except where the help text states its default itself"
-    def _get_help_string(self, action):
-        return action.help if 'default' in (action.help or '') else super()._get_help_string(action)
-
-def _parser()->argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='fastai-ls', description="Label smoothing for fastai")
-    sub = p.add_subparsers(dest='command', required=True, metavar='command')
-    c = sub.add_parser('compare', help="compare CE, label smoothing and annealed label smoothing",
-        description="Train the same model with plain cross-entropy (ce), fixed label smoothing (ls), annealed label "
-                    "smoothing (anneal), optionally CE plus temperature scaling (ce+temp), online label smoothing (ols) and a "
-                    "class-group prior (group, pets only), over several seeds; print "
-                    "error rate, NLL, ECE and Brier score as mean ± std, and write a CSV and plots to --out.",
-        epilog="Earlier results are never replaced without --overwrite. A run that fails (a diverged model, an error) is "
-               "recorded as failed and the others go on. Exit status: 0 when every run succeeded, 1 if any failed, 2 for a bad "
-               "argument (nothing trained), 130 on Ctrl-C (the finished runs are saved).",
-        formatter_class=_HelpFormatter)
-    a = c.add_argument
-    a('--dataset', default='digits', help=f"one of {', '.join(DATASETS)}")
-    a('--strategies', nargs='+', default=list(STRATEGIES), metavar='S',
-      help=f"from {', '.join(STRATEGIES + EXTRA_STRATEGIES)} (default: {' '.join(STRATEGIES)})")
-    a('--seeds', type=int, default=3, help="number of seeds")
-    a('--eps', type=float, default=0.1, help=f"ε of ls and group, and the starting ε of anneal (ols trains at {OLS_EPS})")
-    a('--schedule', default='cos', help=f"ε schedule of anneal: {', '.join(EPS_SCHEDULES)}")
-    a('--epochs', type=int, help="training epochs (default: 40 for digits, 4 for pets)")
-    a('--lr', type=float, help="maximum learning rate (default: 1e-2; 2e-3 for pretrained pets)")
-    a('--bs', type=int, help="batch size, at most the number of training images (default: 32 for digits, 64 for pets, "
-                             "or the number of training images if smaller)")
-    a('--train-size', type=int, default=200, help="digits: number of training images (at most 1297)")
-    a('--path', help="pets: folder of <breed>_<n>.jpg images or the dataset root (default: untar_data(URLs.PETS))")
-    a('--arch', default='resnet34', help=f"pets: one of {', '.join(ARCHS)}")
-    a('--pretrained', action=argparse.BooleanOptionalAction, default=True, help="pets: start from ImageNet weights")
-    a('--scratch-fallback', action='store_true', help="pets: train from random weights if the pretrained ones cannot be loaded")
-    a('--size', type=int, default=224, help="pets: training image size")
-    a('--num-workers', type=int, help="pets: data-loading processes (default: fastai's)")
-    a('--fp16', action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
-    a('--device', help="cpu, cuda, cuda:1, ... (default: fastai's default device)")
-    a('--threads', type=int, help="CPU threads for torch (default: 1 for digits on CPU, else torch's default)")
-    a('--out', default='fastai_ls_results', help="folder for results.csv, summary.md and the plots; refused if it "
-                                                 "already holds any of them, unless --overwrite")
-    a('--overwrite', action='store_true', help="replace the files of an earlier comparison in --out; they are removed "
-                                               "only once the first new run has finished")
-    a('--quiet', action='store_true', help="no progress bars or epoch tables")
-    c.set_defaults(sub=c)
-    return p
-
-def main(
-    argv:list|None=None, # Arguments, e.g. `['compare', '--seeds', '5']`; None: `sys.argv[1:]`
-):
-    "The `fastai-ls` console script"
-    args = vars(_parser().parse_args(argv))
-    sub, show_progress = args.pop('sub'), not args.pop('quiet')
-    del args['command']
-    try: df = Comparison(**args, show_progress=show_progress).run()
-    except CompareError as e: sub.error(str(e))
-    except KeyboardInterrupt: sys.exit(130)
-    if (df.status != 'ok').any(): sys.exit(1)
-
 def _module_main():
     "`python -m fastai_ls.compare [compare] ...`"
     argv = sys.argv[1:]

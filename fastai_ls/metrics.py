@@ -270,62 +270,92 @@ class NLL(CalibMetric):
         return nll[mask].mean()
 
 # %% ../nbs/02_metrics.ipynb #97c01bfc
-def _named_preds(preds, targs):
-    "`{name: (preds, targs)}` from one prediction tensor or a dict of them"
+_GAP_COLOR = 'tab:red'   # the gap's hatching; no model gets red bars
+def _model_colors(n): return [f'C{i}' for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)*(n//9 + 1)][:n]
+
+def _named_preds(preds, targs)->dict:
+    "`{name: [(preds, targs), ...]}` from one prediction tensor, or a dict name → preds, `(preds, targs)` or a list of such pairs"
     if not isinstance(preds, dict): preds = {None: preds}
-    res = {k: tuple(v) if isinstance(v, (tuple, list)) else (v, targs) for k,v in preds.items()}
-    for k,(p,t) in res.items():
-        if t is None: raise ValueError(f"no targets for {k or 'preds'}: pass `targs` or a `(preds, targs)` pair")
+    res = {}
+    for k,v in preds.items():
+        if isinstance(v, list) and v and all(isinstance(o, (tuple, list)) for o in v): pairs = [tuple(o) for o in v]
+        else: pairs = [tuple(v) if isinstance(v, (tuple, list)) else (v, targs)]
+        if any(t is None for _,t in pairs): raise ValueError(f"no targets for {k or 'preds'}: pass `targs` or a `(preds, targs)` pair")
+        res[k] = pairs
     return res
+
+def _conf_hits(p, t, axis, ignore_index, from_logits, multilabel)->tuple:
+    "Confidence and hit (1/0) of every scored prediction"
+    if multilabel:
+        probs,_,_,t,mask = multilabel_inputs(p, t, axis, ignore_index, from_logits)
+        return probs[mask],t[mask].double()
+    probs,_,t,mask = calib_inputs(p, t, axis, ignore_index, from_logits)
+    probs,t = probs[mask],t[mask]
+    return probs.max(-1).values,(probs.argmax(-1)==t).double()
+
+def _ece_label(eces:list)->str:
+    "The ECE of one run, or the mean over runs, saying which"
+    return f"ECE {eces[0]:.4f}" if len(eces) == 1 else f"ECE {np.mean(eces):.4f} (mean of {len(eces)} runs)"
 
 # %% ../nbs/02_metrics.ipynb #e0a849ee
 def reliability_diagram(
-    preds:Tensor|dict, # Logits or probabilities, or a dict name → preds (or name → `(preds, targs)`) to overlay models
+    preds:Tensor|dict, # Logits or probabilities; or a dict name → preds, `(preds, targs)`, or a list of such pairs (runs, pooled in the bars)
     targs:Tensor|None=None, # Targets, shared by all models in `preds`
     n_bins:int=15, # Number of equal-width confidence bins
     axis:int=1, # Class axis of the predictions
     ignore_index:int=-100, # Target value whose positions are left out
     from_logits:bool|None=None, # True: predictions are logits; False: probabilities; None: detect
-    title:str|None=None, # Title, above the ECE line
-    figsize:tuple=(6,6.5), # Figure size in inches
+    title:str|None=None, # Title of the figure
+    figsize:tuple|None=None, # Figure size in inches; None: sized to the panels
     multilabel:bool=False, # Sigmoid outputs with multi-hot targets: every (item, label) pair binned by its probability
+    panels:bool|None=None, # One panel per model with shared axes; False: overlay the models; None: panels for 3 or more models
 )->Figure:
-    "Per-bin accuracy (multi-label: fraction of positives) against confidence with the gaps shaded, and a histogram of confidences"
+    "Per-bin accuracy (multi-label: fraction of positives) against confidence with the gaps hatched, over a histogram of confidences"
     n_bins = _check_bins(n_bins)
     models = _named_preds(preds, targs)
+    panels = ifnone(panels, len(models) > 2)
+    nc = min(3, len(models)) if panels else 1
+    nr = math.ceil(len(models)/nc) if panels else 1
     # a bare `Figure` needs no pyplot backend (headless-safe) and shows once in notebooks
-    fig = Figure(figsize=figsize, layout='constrained')
-    ax,hx = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
-    ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfect calibration')
-    w = 1/n_bins/len(models)
+    fig = Figure(figsize=ifnone(figsize, (3.4*nc, 3.9*nr + .4) if panels else (6, 6.5)), layout='constrained')
+    grid = fig.subplots(2*nr, nc, sharex=True, squeeze=False, gridspec_kw=dict(height_ratios=[3, 1]*nr))
     what = 'fraction of positives' if multilabel else 'accuracy'
-    eces = []
-    for i,(name,(p,t)) in enumerate(models.items()):
-        if multilabel:
-            probs,_,_,t,mask = multilabel_inputs(p, t, axis, ignore_index, from_logits)
-            conf,hits = probs[mask],t[mask].double()
-        else:
-            probs,_,t,mask = calib_inputs(p, t, axis, ignore_index, from_logits)
-            probs,t = probs[mask],t[mask]
-            conf,hits = probs.max(-1).values,(probs.argmax(-1)==t).double()
+    w = 1/n_bins/(1 if panels else len(models))
+    hmax, eces = 0., []
+    for i,((name,pairs),col) in enumerate(zip(models.items(), _model_colors(len(models)))):
+        ax,hx = (grid[2*(i//nc), i%nc], grid[2*(i//nc)+1, i%nc]) if panels else (grid[0,0], grid[1,0])
+        ch = [_conf_hits(p, t, axis, ignore_index, from_logits, multilabel) for p,t in pairs]
+        conf,hits = torch.cat([c for c,_ in ch]),torch.cat([h for _,h in ch])
         edges,cnt,mean_conf,acc = calibration_bins(conf, hits, n_bins)
-        ece = calibration_error(conf, hits, n_bins).item()
-        eces.append(f"ECE {name}: {ece:.4f}" if name else f"ECE {ece:.4f}")
-        x,nz,col = edges[:-1].numpy() + i*w,(cnt>0).numpy(),f'C{i}'
-        ax.bar(x[nz], acc[nz], w, align='edge', color=col, alpha=.8, edgecolor='k', lw=.5,
-               label=f"{name} {what}" if name else what)
+        ece = _ece_label([calibration_error(c, h, n_bins).item() for c,h in ch])
+        x,nz = edges[:-1].numpy() + (0 if panels else i*w),(cnt>0).numpy()
+        if panels or not i: ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfect calibration')
+        ax.bar(x[nz], acc[nz], w, align='edge', color=col, alpha=.85, edgecolor='k', lw=.5,
+               label=what if panels else (f"{name} {what}" if name else what))
         # hatched outline only, so a gap above the mean confidence (under-confidence) stays visible over the bar
         ax.bar(x[nz], (mean_conf-acc)[nz], w, bottom=acc[nz], align='edge', fill=False, hatch='////',
-               edgecolor='red', lw=.8, label=None if i else 'gap to mean confidence')
-        hx.bar(x, cnt/max(cnt.sum().item(), 1), w, align='edge', color=col, alpha=.8, edgecolor='k', lw=.5)
-        hx.axvline(hits.mean(), color=col, ls='-', lw=1.5)
-        hx.axvline(conf.mean(), color=col, ls=':', lw=1.5)
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel=what.capitalize())
-    ax.set_title('\n'.join(filter(None, [title, *eces])), fontsize='medium')
-    ax.legend(loc='upper left', fontsize='small')
-    hx.set(xlabel='Predicted probability of each label' if multilabel else 'Confidence', ylabel='Fraction of samples')
-    hx.legend(handles=[Line2D([], [], color='k', ls='-', label=what),
-                       Line2D([], [], color='k', ls=':', label='mean confidence')], loc='upper right', fontsize='small')
+               edgecolor=_GAP_COLOR, lw=.8, label='gap to mean confidence' if not i else None)
+        frac = cnt/max(cnt.sum().item(), 1)
+        hmax = max(hmax, frac.max().item())
+        hx.bar(x, frac, w, align='edge', color=col, alpha=.85, edgecolor='k', lw=.5)
+        hx.axvline(hits.mean(), color='k' if panels else col, ls='-', lw=1.5)
+        hx.axvline(conf.mean(), color='k' if panels else col, ls=':', lw=1.5)
+        if panels: ax.set_title(f"{name}\n{ece}" if name is not None else ece, fontsize='medium')
+        else: eces.append(f"{name}: {ece}" if name is not None else ece)
+    for r in range(nr):
+        for c in range(nc):
+            ax,hx = grid[2*r, c],grid[2*r+1, c]
+            if r*nc + c >= len(models): ax.set_axis_off(); hx.set_axis_off(); continue
+            ax.set(xlim=(0, 1), ylim=(0, 1)); hx.set_ylim(0, 1.15*hmax)
+            if c == 0: ax.set_ylabel(what.capitalize()); hx.set_ylabel('Fraction')
+            if r == nr-1 or (r+1)*nc + c >= len(models):
+                hx.set_xlabel('Predicted probability of each label' if multilabel else 'Confidence')
+                hx.xaxis.set_tick_params(labelbottom=True)
+    grid[0,0].legend(loc='upper left', fontsize='small')
+    grid[1,0].legend(handles=[Line2D([], [], color='k', ls='-', label=what),
+                              Line2D([], [], color='k', ls=':', label='mean confidence')], loc='upper left', fontsize='small')
+    if not panels: grid[0,0].set_title('\n'.join(eces), fontsize='medium')
+    if title: fig.suptitle(title)
     return fig
 
 # %% ../nbs/02_metrics.ipynb #a58a3187

@@ -2,9 +2,11 @@
 import os, re, shutil, signal, subprocess, sys, tempfile, time, urllib.error
 from pathlib import Path
 import pandas as pd, pytest, torch
+import fastai_ls.data
 from fastai_ls import compare as C
 from fastai_ls.compare import main, Comparison, STRATEGIES, METRICS, OUTPUTS
 from fastai_ls.losses import LabelSmoothingCE
+from fastai_ls.callback import AnnealSmoothing
 from fastai_ls.online import OnlineLabelSmoothing
 
 TINY = ['--seeds', '2', '--epochs', '2', '--train-size', '100']
@@ -38,10 +40,9 @@ def test_default_digits_console_script(tmp_path):
     assert 'train_loss' in r.stdout  # fastai's epoch table: progress is shown
     assert '| strategy | seeds | error % | NLL | ECE | Brier |' in r.stdout
     df = check_results(tmp_path/'res', STRATEGIES, 2)
-    assert (df.n_train == 100).all() and (df.n_valid == 500).all() and (df.epochs_run == 2).all()
-    ce, temp = (df[df.strategy == s].set_index('seed') for s in ('ce', 'ce+temp'))
-    assert (temp.error_rate == ce.error_rate).all() and (temp.nll <= ce.nll + 1e-9).all()
-    assert (temp.temperature > 0).all() and ce.temperature.isna().all()
+    assert (df.n_train == 100).all() and (df.n_calib == 250).all() and (df.n_valid == 500).all() and (df.epochs_run == 2).all()
+    assert (df.error_rate_ts == df.error_rate).all() and (df.temperature > 0).all() and df.nll_ts.notna().all()
+    assert 'Paired differences against ce' in r.stdout
 
 def test_module_entry_and_default_out(tmp_path):
     "`python -m fastai_ls.compare` (without the word `compare`) writes to ./fastai_ls_results by default"
@@ -67,7 +68,7 @@ def test_pets_sample_from_scratch(tmp_path, pets_path):
           '--epochs', '1', '--seeds', '1', '--strategies', 'ce', 'anneal', '--num-workers', '0', '--threads', '2',
           '--quiet', '--out', str(tmp_path)])
     df = check_results(tmp_path, ['ce', 'anneal'], 1)
-    assert (df.n_train == 296).all() and (df.n_valid == 74).all() and (df.model == 'resnet34').all()
+    assert (df.n_train == 259).all() and (df.n_calib == 37).all() and (df.n_valid == 74).all() and (df.model == 'resnet34').all()
     assert not df.pretrained.any() and (df.epochs_run == 1).all()
 
 @pytest.fixture
@@ -90,14 +91,15 @@ def test_pets_pretrained_offline(tmp_path, pets_path, offline, capsys):
 def test_pets_download_offline(tmp_path, capsys, monkeypatch):
     "No --path and no network: a plain message naming the download and the way out, exit 2"
     def fail(*args, **kwargs): raise urllib.error.URLError('Name or service not known (simulated)')
-    monkeypatch.setattr(C, 'untar_data', fail)
-    code, err = exit_of(['compare', '--dataset', 'pets', '--out', str(tmp_path/'out')], capsys)
-    assert code == 2 and 'could not download the Oxford-IIIT Pets dataset' in err and 'pass --path' in err, err
-    assert 'Traceback' not in err and not (tmp_path/'out').exists()
+    monkeypatch.setattr(fastai_ls.data, 'untar_data', fail)
+    for ds, name in (('pets', 'Oxford-IIIT Pets'), ('cifar10', 'CIFAR-10')):
+        code, err = exit_of(['compare', '--dataset', ds, '--out', str(tmp_path/'out')], capsys)
+        assert code == 2 and f'could not download the {name} dataset' in err and 'pass --path' in err, err
+        assert 'Traceback' not in err and not (tmp_path/'out').exists()
 
 def test_hanging_weights_download_times_out(monkeypatch):
     "A network that drops packets makes a download hang forever: the check gives up and says so"
-    from fastai_ls.compare import pretrained_available
+    from fastai_ls.data import pretrained_available
     from torchvision.models import resnet18
     import torchvision.models._api
     monkeypatch.setattr(torchvision.models._api, 'load_state_dict_from_url', lambda *a, **k: time.sleep(60))
@@ -119,7 +121,7 @@ def _bad_folders(tmp_path, pets_path):
     (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
     (['--strategies', 'ce', 'focal'], "unknown strategy 'focal'"),
     (['--strategies', 'ce,,ls'], "unknown strategy ''"),
-    (['--strategies', 'ls', 'group'], "strategy 'group' needs groups of similar classes, which digits does not have; it is for --dataset pets"),
+    (['--strategies', 'ls', 'group'], "strategy 'group' needs groups of similar classes, which digits does not have; it is for --dataset pets, cifar10"),
     (['--eps', '0'], '--eps must be in (0, 1)'),
     (['--eps', '1'], '--eps must be in (0, 1)'),
     (['--eps', '-0.1'], '--eps must be in (0, 1)'),
@@ -132,8 +134,18 @@ def _bad_folders(tmp_path, pets_path):
     (['--train-size', '20', '--bs', '32'], '--bs 32 is larger than the 20 training images'),
     (['--dataset', 'pets', '--path', '{tmp}/few'], 'has only 4 images: the 20% validation set would be empty'),
     (['--epochs', '0'], '--epochs must be at least 1'),
-    (['--train-size', '5000'], '--train-size must be between 10 and 1297'),
-    (['--path', '.'], '--path is for --dataset pets'),
+    (['--train-size', '5000'], '--train-size must be between 10 and 1047 for digits'),
+    (['--calib-size', '0'], '--calib-size must be between 1 and'),
+    (['--label-noise', '1'], '--label-noise must be in [0, 1)'),
+    (['--label-noise', '-0.1'], '--label-noise must be in [0, 1)'),
+    (['--strategies', 'ce', 'ce+temp'], "strategy 'ce+temp' was dropped"),
+    (['--strategies', 'ls:2'], "strategy 'ls:2': ε must be in (0, 1)"),
+    (['--strategies', 'anneal:warm'], "unknown schedule 'warm'"),
+    (['--strategies', 'ls', 'ls'], "strategy 'ls' is given twice"),
+    (['--path', '.'], '--path is not an option of --dataset digits; it is for --dataset pets, cifar10'),
+    (['--size', '64'], '--size is not an option of --dataset digits; it is for --dataset pets'),
+    (['--dataset', 'cifar10', '--path', '{tmp}/empty'], 'has no labels.txt'),
+    (['--dataset', 'cifar10', '--path', '{tmp}/missing'], 'does not exist'),
     (['--dataset', 'pets', '--path', '{tmp}/missing'], 'does not exist'),
     (['--dataset', 'pets', '--path', '{tmp}/empty'], 'contains no images'),
     (['--dataset', 'pets', '--path', '{tmp}/afile.jpg'], 'is not a folder'),
@@ -275,44 +287,44 @@ def test_diverged_runs_are_recorded_and_the_others_go_on(tmp_path, capsys):
     "--lr 1e6: every model goes to NaN; each run is recorded as failed, the comparison finishes, says so, and exits 1"
     with pytest.raises(SystemExit) as e:
         main(['compare', '--lr', '1e6', '--epochs', '5', '--train-size', '100', '--seeds', '1',
-              '--strategies', 'ce', 'ls', 'ce+temp', '--quiet', '--out', str(tmp_path)])
+              '--strategies', 'ce', 'ls', '--quiet', '--out', str(tmp_path)])
     std = capsys.readouterr()
     assert e.value.code == 1, std.err
     df = pd.read_csv(tmp_path/'results.csv')
-    assert df.strategy.tolist() == ['ce', 'ls', 'ce+temp'] and (df.status == 'failed').all()
-    assert df[list(METRICS) + ['temperature']].isna().all().all()
-    assert df.error[:2].str.contains('FloatingPointError: the model diverged').all(), df.error
-    assert 'the ce model of this seed, which ce+temp reuses, failed' in df.error[2]
+    assert df.strategy.tolist() == ['ce', 'ls'] and (df.status == 'failed').all()
+    assert df[list(METRICS) + ['nll_ts', 'temperature']].isna().all().all()
+    assert df.error.str.contains('FloatingPointError: the model diverged').all(), df.error
     assert 'Traceback' not in std.err and 'ls, seed 0 failed: FloatingPointError: the model diverged' in std.err
     summary = (tmp_path/'summary.md').read_text()
-    assert '**3 of 3 runs failed**' in summary and '| ls | 0 | n/a | n/a | n/a | n/a |' in summary
-    assert '- ce+temp, seed 0: the ce model' in summary and summary.split('\n\n', 1)[1] in std.out
+    assert '**2 of 2 runs failed**' in summary and '| ls | 0 | n/a | n/a | n/a | n/a |' in summary
+    assert '- ls, seed 0: FloatingPointError' in summary and summary.split('\n\n', 1)[1] in std.out
     assert sorted(os.listdir(tmp_path)) == ['results.csv', 'summary.md']   # no plot without a successful run
 
 class LsDiverges(Comparison):
-    "`ls` trains at a learning rate of 1e6 and ends with NaN weights; the other strategies train as usual"
+    "`ls` (not `anneal`) trains at a learning rate of 1e6 and ends with NaN weights; the other strategies train as usual"
     def fit(self, learn):
-        if isinstance(learn.loss_func, LabelSmoothingCE): learn.fit_one_cycle(5, 1e6)
+        if isinstance(learn.loss_func, LabelSmoothingCE) and not any(isinstance(c, AnnealSmoothing) for c in learn.cbs):
+            learn.fit_one_cycle(5, 1e6)
         else: super().fit(learn)
 
 def test_one_diverged_strategy_among_others(tmp_path):
     "The successful runs make the table and the plots; the diverged one is listed, not averaged in"
-    cmp = LsDiverges(strategies='ce,ls,ce+temp', seeds=2, epochs=2, train_size=100, show_progress=False, out=tmp_path)
+    cmp = LsDiverges(strategies='ce,ls,anneal', seeds=2, epochs=2, train_size=100, show_progress=False, out=tmp_path)
     df = cmp.run()
     assert df.status.tolist() == ['ok', 'failed', 'ok']*2 and df[df.status == 'ok'][list(METRICS)].notna().all().all()
-    assert set(cmp.preds) == set(cmp.eps_logs) == {'ce', 'ce+temp'}
+    assert set(cmp.preds) == set(cmp.eps_logs) == {'ce', 'anneal'}
     assert pd.read_csv(tmp_path/'results.csv').status.tolist() == df.status.tolist()
     summary = (tmp_path/'summary.md').read_text()
-    assert '| ce | 2 |' in summary and '| ce+temp | 2 |' in summary and '| ls | 0 | n/a |' in summary
+    assert '| ce | 2 |' in summary and '| anneal | 2 |' in summary and '| ls | 0 | n/a |' in summary
     assert '**2 of 6 runs failed**' in summary and '- ls, seed 1: FloatingPointError: the model diverged' in summary
-    assert 'ECE ce:' in png_title(cmp) and 'ECE ls' not in png_title(cmp)
+    assert '| ls | 0 | n/a |' in summary.split('Paired differences')[1]   # no seed where both ls and ce succeeded
+    assert [t.splitlines()[0] for t in png_titles(cmp)] == ['ce', 'anneal']
 
-def png_title(cmp):
-    "The title of the reliability diagram `cmp` would draw from its successful runs (`reliability.png` holds the same)"
+def png_titles(cmp):
+    "The panel titles of the reliability diagram `cmp` draws from its successful runs (`reliability.png` holds the same)"
     from fastai_ls.metrics import reliability_diagram
     assert (cmp.out/'reliability.png').stat().st_size > 10_000
-    pooled = {k: (torch.cat([l for l, _ in v]), torch.cat([t for _, t in v])) for k, v in cmp.preds.items()}
-    return reliability_diagram(pooled, from_logits=True).axes[0].get_title()
+    return [a.get_title() for a in reliability_diagram(cmp.preds, from_logits=True, panels=True).axes if a.get_title()]
 
 def test_truncated_image_named_before_training(tmp_path, pets_path, capsys):
     "A truncated JPEG in --path: exit 2 naming the file before anything trains, not a bare OSError mid-epoch"
@@ -336,8 +348,8 @@ def test_ols_on_digits(tmp_path):
     check_results(tmp_path, ['ls', 'ols'], 1)
     assert df.set_index('strategy').eps.to_dict() == {'ls': 0.1, 'ols': C.OLS_EPS} and C.OLS_EPS == 0.5
     assert set(cmp.eps_logs['ols']) == {0.5} and len(cmp.eps_logs['ols']) == df.iters[1]
-    assert 'ols eps 0.5' in (tmp_path/'summary.md').read_text()
-    learn = cmp.learner('ols')
+    assert 'ols (ε 0.5)' in (tmp_path/'summary.md').read_text()
+    learn, _ = cmp.learner(C.parse_strategy('ols'))
     cb = next(c for c in learn.cbs if isinstance(c, OnlineLabelSmoothing))
     learn.fit(1)
     assert learn.loss_func.eps == 0.5 and learn.loss_func.prior is cb.prior and cb.prior.shape == (10, 10)
@@ -349,7 +361,7 @@ def test_group_and_ols_on_pets(tmp_path, pets_path):
         for f in sorted(pets_path.glob(f'{breed}_*.jpg')): shutil.copy(f, imgs)
     args = dict(dataset='pets', path=imgs, pretrained=False, arch='resnet18', size=32, bs=8, epochs=1, seeds=1,
                 num_workers=0, threads=1, show_progress=False)
-    learn = Comparison(strategies='group', out=tmp_path/'none', **args).learner('group')
+    learn, _ = Comparison(strategies='group', out=tmp_path/'none', **args).learner(C.parse_strategy('group'))
     assert list(learn.dls.vocab) == ['Abyssinian', 'Bengal', 'beagle', 'boxer']
     # row y: 0.8 on the other breed of its species, 0.1 on each breed of the other species, 0 on itself
     assert torch.allclose(learn.loss_func.prior, torch.tensor([[0, .8, .1, .1], [.8, 0, .1, .1], [.1, .1, 0, .8], [.1, .1, .8, 0]]))
@@ -357,5 +369,35 @@ def test_group_and_ols_on_pets(tmp_path, pets_path):
     df = Comparison(strategies='ols,group', out=tmp_path/'res', **args).run()
     check_results(tmp_path/'res', ['ols', 'group'], 1)
     assert df.strategy.tolist() == ['ols', 'group'] and df.eps.tolist() == [0.5, 0.1]
-    assert 'group prior within 0.8' in (tmp_path/'res'/'summary.md').read_text()
+    assert 'group (ε 0.1, prior within 0.8)' in (tmp_path/'res'/'summary.md').read_text()
 
+
+# ---------------------------------------------------------------- CIFAR-10, calibration split, label noise, paired statistics
+CIFAR = Path(__file__).parent/'data'/'cifar10'
+
+def test_cifar10_sample_every_option(tmp_path):
+    "The committed 420-image CIFAR-10 sample end to end: held-out calibration, label noise, ε in strategy names, a baseline"
+    out = tmp_path/'res'
+    main(['compare', '--dataset', 'cifar10', '--path', str(CIFAR), '--epochs', '1', '--seeds', '2', '--bs', '50',
+          '--calib-size', '60', '--label-noise', '0.4', '--strategies', 'ce', 'ls:0.05', 'anneal:two_stage:0.2', 'ols', 'group',
+          '--baseline', 'ls:0.05', '--quiet', '--out', str(out)])
+    names = ['ce', 'ls:0.05', 'anneal:two_stage:0.2', 'ols', 'group']
+    df = check_results(out, names, 2)
+    assert (df.n_train == 240).all() and (df.n_calib == 60).all() and (df.n_valid == 120).all() and (df.label_noise == 0.4).all()
+    assert df.set_index('strategy').eps.groupby(level=0).first().to_dict() == {'ce': 0, 'ls:0.05': 0.05, 'anneal:two_stage:0.2': 0.2,
+                                                                               'ols': 0.5, 'group': 0.1}
+    assert (df.model == 'cifar_resnet').all() and (df.dataset == 'cifar10').all() and (df.iters == 240//50).all()
+    assert (df.error_rate_ts == df.error_rate).all() and df[['nll_ts', 'ece_ts', 'brier_ts']].notna().all().all()
+    summary = (out/'summary.md').read_text()
+    assert '40% of the training labels noisy' in summary and 'Paired differences against ls:0.05' in summary
+    paired = summary.split('Paired differences')[1]
+    assert '| strategy − ls:0.05 | seeds |' in paired and all(f"| {n} | 2 |" in paired for n in names if n != 'ls:0.05')
+
+def test_calibration_split_is_held_out_and_labels_stay_clean():
+    "The calibration images are not trained on; label noise touches the training labels only, the same for every run"
+    from fastai_ls.data import Cifar10Data
+    clean, noisy = Cifar10Data(CIFAR, calib_size=60), Cifar10Data(CIFAR, calib_size=60, label_noise=0.4)
+    train = {bytes(x.numpy()) for x in noisy.train[0]}
+    assert not train & {bytes(x.numpy()) for x in noisy.calib[0]} and not train & {bytes(x.numpy()) for x in noisy.valid[0]}
+    assert (noisy.train[1] != clean.train[1]).sum() == 96 and (noisy.calib[1] == clean.calib[1]).all()
+    assert (Cifar10Data(CIFAR, calib_size=60, label_noise=0.4).train[1] == noisy.train[1]).all()
