@@ -19,3 +19,13 @@ def test_readme_code_matches_index_notebook():
     nb = json.loads((ROOT/'nbs'/'index.ipynb').read_text())
     cells = [''.join(c['source']).strip() for c in nb['cells'] if c['cell_type'] == 'code' and not ''.join(c['source']).startswith('#| hide')]
     assert [b.strip() for b in python_blocks(README)] == cells
+
+def test_result_tables_match_the_committed_csvs():
+    "Each README table marked `<!-- results: RUN -->` is what `format_table` makes of bench/results/RUN/results.csv"
+    import pandas as pd
+    from fastai_ls.compare import format_table
+    cols = dict(error_rate='error %', nll='NLL', ece='ECE', nll_ts='NLL after TS', ece_ts='ECE after TS')
+    marked = re.findall(r'<!-- results: (\w+) -->\n((?:\|.*\n)+)', README)
+    assert len(marked) >= 2, "README.md has no marked results tables"
+    for run, table in marked:
+        assert table.strip() == format_table(pd.read_csv(ROOT/'bench'/'results'/run/'results.csv'), cols), run
