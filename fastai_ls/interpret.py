@@ -171,8 +171,9 @@ def plot_penultimate(self:Learner,
             p = p[_subset(len(p), max_points, seed)]
             ax.scatter(p[:, 0], p[:, 1], s=10, color=f'C{i}', alpha=.6, linewidths=0, label=cname)
         ax.scatter(tp[:, 0], tp[:, 1], marker='*', s=220, color='k', edgecolors='w', zorder=3, label='templates')
-        for xy, cname in zip(tp.tolist(), names):
-            ax.annotate(cname, xy, xytext=(6, 6), textcoords='offset points', fontweight='bold')
+        # a at the origin, b to its right, c above: labels below-left, below-right and above keep apart when templates are close
+        for xy, cname, (dx, dy, ha, va) in zip(tp.tolist(), names, ((-4, -6, 'right', 'top'), (4, -6, 'left', 'top'), (0, 8, 'center', 'bottom'))):
+            ax.annotate(cname, xy, xytext=(dx, dy), textcoords='offset points', ha=ha, va=va, fontweight='bold')
         ax.set_aspect('equal')
         ax.set(title=name, xlabel='$u_1$ (along $t_b - t_a$)')
         if ax is axs[0]:
