@@ -33,6 +33,7 @@ def check_results(out, strategies, seeds):
     assert all(f"| {st} | {seeds} |" in summary for st in strategies)
     return df
 
+@pytest.mark.slow
 def test_default_digits_console_script(tmp_path):
     "The README's command at a tiny size: all four strategies, progress bars, the table, the CSV and the plots"
     r = run_cli('fastai-ls', 'compare', *TINY, '--out', str(tmp_path/'res'))
@@ -44,6 +45,7 @@ def test_default_digits_console_script(tmp_path):
     assert (df.error_rate_ts == df.error_rate).all() and (df.temperature > 0).all() and df.nll_ts.notna().all()
     assert 'Paired differences against ce' in r.stdout
 
+@pytest.mark.slow
 def test_module_entry_and_default_out(tmp_path):
     "`python -m fastai_ls.compare` (without the word `compare`) writes to ./fastai_ls_results by default"
     r = run_cli(sys.executable, '-m', 'fastai_ls.compare', '--seeds', '1', '--epochs', '1', '--train-size', '50',
@@ -62,6 +64,7 @@ def test_in_process_run_restores_global_settings(tmp_path, monkeypatch):
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)
     assert torch.get_num_threads() == threads
 
+@pytest.mark.slow
 def test_pets_sample_from_scratch(tmp_path, pets_path):
     "The pets ResNet34 on the 370-photo sample, tiny, from random weights (`fit_one_cycle`)"
     main(['compare', '--dataset', 'pets', '--path', str(pets_path), '--no-pretrained', '--size', '32', '--bs', '32',
@@ -180,6 +183,7 @@ def _ctrl_c_works():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_runs(tmp_path):
     "SIGINT after the first run has finished: exit 130, the finished runs on disk with their table and plots"
     out = tmp_path/'res'
@@ -249,6 +253,7 @@ def test_earlier_results_are_never_replaced(tmp_path, capsys):
     with pytest.raises(C.CompareError, match='already holds results.csv'): cmp.run()
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT to a child process')
+@pytest.mark.slow
 def test_overwrite_removes_earlier_results_only_once_a_new_run_finished(tmp_path):
     "--overwrite, then Ctrl-C before the first new run finishes: the earlier results stay; killed after it: no stale file"
     out = tmp_path/'res'
@@ -281,7 +286,7 @@ def test_training_set_smaller_than_a_batch(tmp_path):
           '--out', str(tmp_path)])
     df = check_results(tmp_path, ['ce', 'ls'], 1)
     assert (df.bs == 10).all() and (df.iters == 3).all() and (df.n_train == 10).all()
-    assert 'bs 10,' in (tmp_path/'summary.md').read_text()
+    assert 'bs 10;' in (tmp_path/'summary.md').read_text()
 
 def test_diverged_runs_are_recorded_and_the_others_go_on(tmp_path, capsys):
     "--lr 1e6: every model goes to NaN; each run is recorded as failed, the comparison finishes, says so, and exits 1"
@@ -354,6 +359,7 @@ def test_ols_on_digits(tmp_path):
     learn.fit(1)
     assert learn.loss_func.eps == 0.5 and learn.loss_func.prior is cb.prior and cb.prior.shape == (10, 10)
 
+@pytest.mark.slow
 def test_group_and_ols_on_pets(tmp_path, pets_path):
     "`group` on 2 cat and 2 dog breeds: the species prior, checked by hand, trains end to end next to `ols`"
     imgs = tmp_path/'imgs'; imgs.mkdir()
@@ -375,6 +381,7 @@ def test_group_and_ols_on_pets(tmp_path, pets_path):
 # ---------------------------------------------------------------- CIFAR-10, calibration split, label noise, paired statistics
 CIFAR = Path(__file__).parent/'data'/'cifar10'
 
+@pytest.mark.slow
 def test_cifar10_sample_every_option(tmp_path):
     "The committed 420-image CIFAR-10 sample end to end: held-out calibration, label noise, ε in strategy names, a baseline"
     out = tmp_path/'res'

@@ -6,6 +6,7 @@ from conftest import run_torchrun
 
 SCRIPT = Path(__file__).parent/'ddp_script.py'
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     run_torchrun(SCRIPT, tmp_path)
     r0, r1 = (json.loads((tmp_path/f'rank{i}.json').read_text()) for i in range(2))

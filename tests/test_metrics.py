@@ -234,13 +234,16 @@ def test_reliability_png():
     assert matplotlib.get_backend().lower() == 'agg'
     data = png(fig)
     img = Image.open(io.BytesIO(data))
-    assert img.size == (600, 650)
+    assert img.size == (1020, 430)   # three models: one panel each, 3.4 × 4.3 inches at 100 dpi
     assert 20_000 < len(data) < 1_000_000
     assert np.asarray(img.convert('L')).std() > 20  # not blank
-    title = fig.axes[0].get_title()
-    eces = {k: ECE()(p, y) for k, p in (('calibrated', z), ('over-confident', 2*z))}
-    for k, v in eces.items(): assert f'{k}: {v:.4f}' in title
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    eces = {k: ECE()(p, y) for k, p in (('calibrated', z), ('over-confident', 2*z), ('under-confident', z/2))}
+    assert titles == [f'{k}\nECE {v:.4f}' for k, v in eces.items()]
     assert eces['over-confident'] > 5*eces['calibrated']
+    overlay = reliability_diagram({k: p for k, p in (('calibrated', z), ('over-confident', 2*z))}, y, panels=False)
+    assert Image.open(io.BytesIO(png(overlay))).size == (600, 650)
+    assert overlay.axes[0].get_title() == '\n'.join(f'{k}: ECE {eces[k]:.4f}' for k in ('calibrated', 'over-confident'))
 
 def test_plot_reliability(digits_learn):
     with digits_learn.no_bar(): fig = digits_learn.plot_reliability(n_bins=10, title='digits')
@@ -510,7 +513,7 @@ def test_multilabel_reliability_png(digits_multilabel_learn):
     img = Image.open(io.BytesIO(png(fig)))
     assert img.size == (600, 650) and np.asarray(img.convert('L')).std() > 20
     title = fig.axes[0].get_title()
-    for k, p in (('calibrated', z), ('over-confident', 3*z)): assert f'{k}: {ECE(multilabel=True)(p, y):.4f}' in title
+    for k, p in (('calibrated', z), ('over-confident', 3*z)): assert f'{k}: ECE {ECE(multilabel=True)(p, y):.4f}' in title
     assert fig.axes[0].get_ylabel() == 'Fraction of positives'
     with digits_multilabel_learn.no_bar(): fig = digits_multilabel_learn.plot_reliability(multilabel=True, n_bins=10)
     probs, targs = digits_multilabel_learn.get_preds()

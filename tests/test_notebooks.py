@@ -11,6 +11,7 @@ RUN = ("import sys; from nbdev.test import test_nb; from nbdev.config import get
 def test_all_notebooks_found():
     assert {'index.ipynb', '00_losses.ipynb'} <= {p.name for p in NOTEBOOKS}
 
+@pytest.mark.slow
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: str(p.relative_to(NBS)))
 def test_notebook(nb):
     # a fresh interpreter per notebook, like nbdev-test, so notebooks cannot lean on each other's state

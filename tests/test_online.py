@@ -400,6 +400,7 @@ def test_plot_prior_names_the_classes(pets_path, tmp_path):
 
 SCRIPT = Path(__file__).parent/'ddp_online_script.py'
 
+@pytest.mark.slow
 def test_ddp_every_rank_learns_the_prior_of_all_the_data(tmp_path):
     "A real 2-process gloo fit: each epoch's prior is the mean over both ranks' correct predictions, the same on both"
     run_torchrun(SCRIPT, tmp_path)
