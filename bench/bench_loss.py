@@ -11,8 +11,8 @@ logits (the gradient included), divided by the logits' bytes.
 import argparse, contextlib, os, statistics, sys, time
 import torch, torch.nn.functional as F
 from torch.profiler import profile, ProfilerActivity
+from fastai_ls.losses import LabelSmoothingCE   # first: it keeps fastai's import quiet
 from fastai.losses import LabelSmoothingCrossEntropy
-from fastai_ls.losses import LabelSmoothingCE
 
 EPS = 0.1
 ROUNDS = 5

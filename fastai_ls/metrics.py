@@ -353,7 +353,7 @@ def reliability_diagram(
                 hx.xaxis.set_tick_params(labelbottom=True)
     grid[0,0].legend(loc='upper left', fontsize='small')
     grid[1,0].legend(handles=[Line2D([], [], color='k', ls='-', label=what),
-                              Line2D([], [], color='k', ls=':', label='mean confidence')], loc='upper left', fontsize='small')
+                              Line2D([], [], color='k', ls=':', label='mean confidence')], loc='best', fontsize='small')
     if not panels: grid[0,0].set_title('\n'.join(eces), fontsize='medium')
     if title: fig.suptitle(title)
     return fig
