@@ -6,7 +6,7 @@ Docs: https://fastai-ls.github.io/fastai_ls/cli.html.md"""
 
 # %% ../nbs/10_cli.ipynb #69d6aa46
 from __future__ import annotations
-import argparse, sys, warnings
+import argparse, sys
 
 # %% auto #0
 __all__ = ['DATASET_NAMES', 'KINDS', 'STRATEGIES', 'SCHEDULE_NAMES', 'OLS_EPS', 'main']

@@ -6,7 +6,7 @@ Docs: https://fastai-ls.github.io/fastai_ls/compare.html.md"""
 
 # %% ../nbs/03_compare.ipynb #33c57301
 from __future__ import annotations
-import argparse, csv, inspect, math, sys, tempfile, time, traceback, warnings
+import csv, inspect, math, sys, tempfile, time, traceback
 from pathlib import Path
 from typing import NamedTuple
 import pandas as pd
@@ -16,7 +16,7 @@ from .losses import LabelSmoothingCE
 from .callback import AnnealSmoothing, EPS_SCHEDULES
 from .online import OnlineLabelSmoothing, group_prior
 from .metrics import ECE, NLL, MultiBrier, reliability_diagram, fit_temperature
-from .data import CompareError, CompareData, DigitsData, PetsData, Cifar10Data
+from .data import CompareError, DigitsData, PetsData, Cifar10Data
 from .cli import KINDS, STRATEGIES, OLS_EPS, main  # the command line parses before torch is imported
 
 # %% auto #0

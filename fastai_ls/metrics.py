@@ -30,6 +30,15 @@ def _prob_violation(x):
         return f"sum to {x.double().sum(-1).flatten()[i].item():.6g} for item {i} (expected 1 ± {tol:g})"
 
 # %% ../nbs/02_metrics.ipynb #15e2ffd3
+def _check_preds(preds, axis:int, what:str)->Tensor:
+    "`preds` as a floating-point tensor with a batch axis and a `what` axis at `axis`, or an error naming the problem"
+    preds = torch.as_tensor(preds)
+    if preds.ndim < 2: raise ValueError(f"`preds` need a batch and a {what} axis, got shape {tuple(preds.shape)}")
+    if not -preds.ndim <= axis < preds.ndim or axis % preds.ndim == 0:
+        raise ValueError(f"`axis`={axis} must be a {what} axis of `preds` with shape {tuple(preds.shape)}, not the batch axis 0")
+    if not preds.is_floating_point(): raise TypeError(f"`preds` must be floating point, got {preds.dtype}")
+    return preds
+
 def calib_inputs(
     preds:Tensor, # Logits or probabilities with the class axis at `axis`, e.g. `(N,C)` or `(N,C,d1,...)`
     targs:Tensor, # Integer class indices: the shape of `preds` without the class axis
@@ -38,11 +47,7 @@ def calib_inputs(
     from_logits:bool|None=None, # True: `preds` are logits; False: probabilities (checked); None: detect
 )->tuple: # `(probs, logp, targs, mask)`, class axis last; `logp` is float64
     "Validate `preds` and `targs` and turn them into probabilities and log-probabilities"
-    preds,targs = torch.as_tensor(preds),torch.as_tensor(targs)
-    if preds.ndim < 2: raise ValueError(f"`preds` need a batch and a class axis, got shape {tuple(preds.shape)}")
-    if not -preds.ndim <= axis < preds.ndim or axis % preds.ndim == 0:
-        raise ValueError(f"`axis`={axis} must be a class axis of `preds` with shape {tuple(preds.shape)}, not the batch axis 0")
-    if not preds.is_floating_point(): raise TypeError(f"`preds` must be floating point, got {preds.dtype}")
+    preds,targs = _check_preds(preds, axis, 'class'),torch.as_tensor(targs)
     x = preds.movedim(axis, -1)
     n_cls = x.shape[-1]
     if n_cls < 2: raise ValueError(f"`preds` need at least 2 classes along axis {axis}, got shape {tuple(preds.shape)}")
@@ -68,11 +73,7 @@ def calib_inputs(
 # %% ../nbs/02_metrics.ipynb #dee689c6
 def _multilabel_check(preds, targs, axis, ignore_index)->tuple:
     "`(preds, targs, mask)`, label axis last: targets of the predictions' shape, in [0, 1] where they are not `ignore_index`"
-    preds,targs = torch.as_tensor(preds),torch.as_tensor(targs)
-    if preds.ndim < 2: raise ValueError(f"`preds` need a batch and a label axis, got shape {tuple(preds.shape)}")
-    if not -preds.ndim <= axis < preds.ndim or axis % preds.ndim == 0:
-        raise ValueError(f"`axis`={axis} must be a label axis of `preds` with shape {tuple(preds.shape)}, not the batch axis 0")
-    if not preds.is_floating_point(): raise TypeError(f"`preds` must be floating point, got {preds.dtype}")
+    preds,targs = _check_preds(preds, axis, 'label'),torch.as_tensor(targs)
     if targs.shape != preds.shape:
         raise ValueError(f"multi-label `targs` must have the shape of `preds` {tuple(preds.shape)} (one target per label), "
                          f"got {tuple(targs.shape)}")
