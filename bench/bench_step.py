@@ -1,9 +1,10 @@
 """Training throughput of a real fastai `fit` with label smoothing, against plain cross-entropy on the same batches.
 
 For each model: a digits CNN, the CPU CIFAR-10 ResNet of `fastai_ls.data`, and a small fully-convolutional
-segmentation net with N-d outputs, it times one epoch of `Learner.fit` with `CrossEntropyLossFlat`, with
-`LabelSmoothingCE(0.1)`, and with `LabelSmoothingCE(0.1)` plus `AnnealSmoothing`, in interleaved rounds, and reports
-the fastest round of each as images per second and as a ratio to cross-entropy (1.00 = no cost). Prints only its table.
+segmentation net with N-d outputs, on random images and labels of fastai's tensor types, it times one epoch of
+`Learner.fit` with `CrossEntropyLossFlat`, with `LabelSmoothingCE(0.1)`, and with `LabelSmoothingCE(0.1)` plus
+`AnnealSmoothing`, in interleaved rounds, and reports the fastest round of each as images per second and as a ratio
+to cross-entropy (1.00 = no cost). Prints only its table.
 
     python bench/bench_step.py [--rounds 5] [--threads N]
 """
@@ -16,6 +17,7 @@ from fastai.basics import DataLoaders, Learner, CrossEntropyLossFlat, set_seed
 from fastai.callback.progress import ProgressCallback
 from fastai.layers import ConvLayer
 from fastai.data.core import TfmdDL
+from fastai.torch_core import TensorImage, TensorCategory, TensorMask
 from fastai_ls.losses import LabelSmoothingCE, LabelSmoothingCEFlat
 from fastai_ls.callback import AnnealSmoothing
 from fastai_ls.data import digits_cnn, cifar_resnet
@@ -28,8 +30,10 @@ def setups(n_batches):
     "name → (model factory, inputs, targets, batch size, loss factories); random inputs, fixed by the seed"
     g = torch.Generator().manual_seed(0)
     def data(shape, n_classes, target_shape=()):
+        "fastai's tensor types, as a `DataBlock` pipeline hands them to the model and the loss"
         n = n_batches*shape[0]
-        return torch.randn(n, *shape[1:], generator=g), torch.randint(0, n_classes, (n, *target_shape), generator=g)
+        x, y = torch.randn(n, *shape[1:], generator=g), torch.randint(0, n_classes, (n, *target_shape), generator=g)
+        return TensorImage(x), (TensorMask if target_shape else TensorCategory)(y)
     flat = lambda: CrossEntropyLossFlat(axis=1)
     return {
         'digits CNN, bs 32, (1, 8, 8)': (digits_cnn, *data((32, 1, 8, 8), 10), 32, CrossEntropyLossFlat, LabelSmoothingCE),

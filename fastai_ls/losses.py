@@ -14,6 +14,7 @@ from torch import nn, Tensor
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from fastai.losses import BaseLoss
+from fastai.torch_core import TensorBase
 from . import kernels
 
 # %% auto #0
@@ -83,8 +84,9 @@ def _check_prior(prior, n_classes:int|None=None, variant:str='uniform'):
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
-def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params=True) -> Tensor:
-    "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly; return class indices as int64"
+def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params=True) -> tuple[Tensor, bool]:
+    "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly; return class indices as int64, and whether no target is ignored for sure"
+    all_kept = False
     _check_choice('reduction', reduction, _reductions)
     _check_choice('variant', variant, _variants)
     if not isinstance(input, Tensor) or not input.is_floating_point():
@@ -110,10 +112,13 @@ def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, 
         if tuple(target.shape) != expected:
             raise ValueError(f"class-index target must have shape {expected} for input of shape {tuple(input.shape)}; got {tuple(target.shape)}")
         # int64 before any comparison: as uint8, ignore_index=-100 would wrap to class 156
-        target = target.long()
+        if target.dtype != torch.int64: target = target.long()
         if not (_is_compiling() or _functorch_wrapped(target)) and target.numel():
-            # one reduction and one sync in the common case, whatever the ignore_index
-            lo, hi = torch.stack(torch.aminmax(torch.where(target == ignore_index, 0, target))).tolist()
+            # one reduction and one sync in the common case; the extremes also tell when no target is ignore_index
+            lo, hi = torch.stack(torch.aminmax(target)).tolist()
+            all_kept = not lo <= ignore_index <= hi
+            if (lo < 0 or hi >= n_classes) and not all_kept:   # the extremes of the kept targets
+                lo, hi = torch.stack(torch.aminmax(torch.where(target == ignore_index, 0, target))).tolist()
             if lo < 0 or hi >= n_classes:
                 bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
                 if bool(bad.any()):
@@ -129,7 +134,7 @@ def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, 
         if check_params and not _is_compiling(): _check_prior(prior, n_classes, variant)
         elif prior.shape[-1] != n_classes:
             raise ValueError(f"prior of shape {tuple(prior.shape)} does not match the C={n_classes} classes of the logits")
-    return target
+    return target, all_kept
 
 def _check_eps_per_position(eps:Tensor, positions):
     "One ε per position: the shape of the positions (the target's, without a class dim), every value in [0, 1)"
@@ -168,13 +173,18 @@ def _blocks(shape, nbytes, is_cuda, half):
     "Index pairs (into the (N,C) or (N,C,S) logits, into the (N,) or (N,S) per-position values) covering them in blocks"
     n, k, s = shape[0], shape[1], (shape[2] if len(shape) == 3 else 1)
     numel = n * k * s
-    if numel == 0: return []
     if _is_compiling() or (is_cuda and not half): budget = numel
     elif is_cuda: budget = max(numel // 64, 1 << 22)
     # Backward keeps a block's temporaries next to the whole gradient. Half inputs: two float32 copies of a block of
     # 1/16 of the input, a quarter of its bytes (smaller blocks cost more in per-op overhead than they save).
     # Otherwise ~32 bytes of per-position terms when there are few classes, under ~3% of the input's bytes.
     else: budget = min(max(nbytes // 32 if half else nbytes * k // 1024, _MIN_BLOCK), _MAX_BLOCK)
+    return _split(shape, budget)
+
+def _split(shape, budget):
+    "Index pairs covering (N, C[, S]) logits in blocks of about `budget` elements: whole rows, or columns of one row"
+    n, k, s = shape[0], shape[1], (shape[2] if len(shape) == 3 else 1)
+    if n * k * s == 0: return []
     if len(shape) == 2 or k * s <= budget:   # whole rows (a row of a 2-D input is never split)
         rows, rest = max(1, budget // (k * s)), ((slice(None),) if len(shape) == 3 else ())
         return [((slice(i, i + rows), slice(None)) + rest, (slice(i, i + rows),) + rest) for i in range(0, n, rows)]
@@ -261,15 +271,15 @@ def _grad_scale(grad_out, reduction, denom):
 
 def _use_kernels(x, target, eps, prior):
     "Class-index targets on 2-D float32/half logits with contiguous classes, one ε and no prior go to the Triton kernels on GPU"
-    return (not target.is_floating_point() and x.dim() == 2 and x.stride(1) == 1 and target.is_contiguous()
-            and eps.dim() == 0 and prior is None and x.dtype != torch.float64 and not _is_compiling() and kernels.triton_ok(x))
+    return (kernels.triton_ok(x) and not target.is_floating_point() and x.dim() == 2 and x.stride(1) == 1
+            and target.is_contiguous() and eps.dim() == 0 and prior is None and x.dtype != torch.float64 and not _is_compiling())
 
-def _as_blocks(x, target, eps):
+def _as_blocks(x, target, eps=None):
     "View N-d logits as (N, C, S), and targets and a per-position ε to match; 2-D inputs are left as they are"
-    if x.dim() == 2: return x, target, eps
+    if x.dim() == 2: return (x, target) if eps is None else (x, target, eps)
     n, k, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    return (x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s)),
-            (eps.reshape(n, s) if eps.dim() else eps))
+    xt = x.reshape(n, k, s), (target.reshape(n, k, s) if target.is_floating_point() else target.reshape(n, s))
+    return xt if eps is None else xt + ((eps.reshape(n, s) if eps.dim() else eps),)
 
 # %% ../nbs/00_losses.ipynb #cdd3b448
 class _LabelSmoothingCEFn(torch.autograd.Function):
@@ -379,49 +389,215 @@ class _LabelSmoothingCEKernelFn(torch.autograd.Function):
         g = _grad_scale(grad_out.float(), reduction, denom).reshape(-1)
         return kernels.loss_grad(x, target, w, ignore_index, m, ls, wsum, g, a, b), None, None, None, None, None, None
 
+
+# %% ../nbs/00_losses.ipynb #b81e5d2c
+_LOG2E = 1 / math.log(2)   # exp(t) = exp2(t·log2(e)), and torch's exp2 is the faster of the two on CPU
+_SUM_SHIFT = 64.   # up to this |largest logit| of a row, x_y - m and Σ_k x_k - C·m lose next to nothing to cancellation
+
+def _exp_(t):
+    "exp in place, as exp2 of t·log2(e): torch's exp2 is about twice as fast as its exp on CPU"
+    return t.mul_(_LOG2E).exp2_()
+
+def _cpu_blocks(shape, staged):
+    """Blocks of the (N, C[, S]) logits for the CPU path. Work in a float32 copy of a block (`staged`: half inputs, a
+    forward without gradient) is in blocks of a ninth of the logits (2/9 of the bytes of half ones: every op on a block
+    costs a few µs of thread start-up, so the blocks are as large as the memory goal of 1.25x allows). Otherwise 2-D
+    logits go in quarters (of at most `_MAX_BLOCK` elements), and N-d ones in as few blocks as possible, since torch's
+    ops over a class dim that is not the last are fastest on whole tensors (their per-position terms are chunked)"""
+    numel = math.prod(shape)
+    budget = numel // 9 if staged else numel // 4 if len(shape) == 2 else 4 * _MAX_BLOCK
+    return _split(shape, min(max(budget, _MIN_BLOCK), 4 * _MAX_BLOCK if len(shape) == 3 and not staged else _MAX_BLOCK))
+
+def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, all_kept, want_grad):
+    """One walk over the logits in blocks: the reduced (or per-position) loss and, with `want_grad`, the gradient of that
+    loss for an incoming gradient of 1, in a buffer of the input's dtype (None otherwise)"""
+    ct, half = _compute_dtype(x), x.dtype not in (torch.float32, torch.float64)
+    xb, tb = _as_blocks(x, target)
+    k, nd, positions = xb.shape[1], xb.dim(), xb.shape[:1] + xb.shape[2:]
+    w = None if weight is None else weight.to(ct)
+    a, b, W = 1 - beta, beta / k, (float(k) if w is None else w.sum().item())   # q = a·onehot + b·w
+    blocks = _cpu_blocks(xb.shape, half or not want_grad)
+    simple = all_kept and w is None   # every position kept with weight 1: every coefficient is a Python float
+    ent = _xlogx(a + b) + (k - 1) * _xlogx(b) if variant == 'kl' else 0.   # Σ_k q_k log q_k in the simple case
+
+    def terms(tc):
+        "For a block of targets: safe class indices, the kept mask v and the target weights r"
+        keep = tc != ignore_index
+        v = keep.to(ct)
+        safe = torch.where(keep, tc, 0)
+        return safe, v, (v if w is None else w[safe] * v)
+
+    if reduction != 'mean': gn = 1.
+    else:   # the mean divides by the summed target weights of the kept positions; by 0: the loss and gradient are 0
+        denom = float(tb.numel()) if simple else sum(terms(tb[pi])[2].sum().item() for _, pi in blocks)
+        gn = 1 / denom if denom > 0 else 0.
+    grad = torch.empty(xb.shape, dtype=x.dtype) if want_grad else None
+    loss = torch.empty(positions, dtype=ct) if reduction == 'none' else None
+    total = torch.zeros((), dtype=ct)
+    # a block works in the gradient itself; half inputs, a forward without gradient and the columns of one row
+    # (torch's softmax would copy them) work in one contiguous float32 block
+    stage = (torch.empty(max(math.prod(xb[xi].shape) for xi, _ in blocks), dtype=ct)
+             if blocks and (half or not want_grad or not grad[blocks[-1][0]].is_contiguous()) else None)
+    idx = tb.unsqueeze(1)   # class indices on a class dim of size 1: `gather`'s and `scatter_add_`'s index
+    c, cy = torch.full((), -b * gn, dtype=ct), torch.full((), -a * gn, dtype=ct)
+
+    def add_loss(lpy, lpw, v, r, out):
+        "Add ℓ = -(a·r·log p_y + b·v·Σ_k w_k log p_k) (+ the target entropy for 'kl') to the total, or write it to `out`"
+        if simple:   # a term whose coefficient is 0 is left out, so that a -inf logit cannot give 0·-inf = NaN
+            nl = lpy.mul_(a) if b == 0 else lpw.mul_(b) if a == 0 else lpy.mul_(a).add_(lpw, alpha=b)
+            if ent: nl.sub_(ent)
+        else:   # where, not products: an ignored position or a zero weight must not turn 0·-inf into NaN
+            ar, bv = a * r, b * v
+            nl = torch.where(ar != 0, ar * lpy, 0.) + torch.where(bv != 0, bv * lpw, 0.)
+            if variant == 'kl':   # Σ_k w_k q_k log q_k, as in `_target_entropy`, with the coefficients as Python floats
+                nl -= v * (W / k * (beta * math.log(1 / k) + _xlogx(beta))) + r * (_xlogx(a + b) - _xlogx(b))
+        nl = nl.squeeze(1)
+        if out is None: total.sub_(nl.sum())
+        else: torch.neg(nl, out=out)
+
+    def fix_grad(sb, ib, v, r, out):
+        """Turn the probabilities in `sb` into dℓ/dx_k = gn·(scale·p_k - b·v·w_k - a·r·[k = y]), scale = a·r + b·v·W,
+        then copy them to `out` if that is another buffer (the gradient's block: for half logits, the one rounding)"""
+        if simple:   # scale = 1: p·gn - b·gn in one pass (a 0-dim tensor as the addend is the fastest form)
+            torch.add(c, sb, alpha=gn, out=sb)
+            if a: sb.scatter_add_(1, ib, cy.expand(ib.shape))
+        else:
+            sb.mul_((a * gn) * r + (b * W * gn) * v)
+            if b:
+                if w is None: sb.sub_(v, alpha=b * gn)
+                else: sb.addcmul_(v, _cls_view(w, nd), value=-b * gn)
+            if a: sb.scatter_add_(1, ib, r * (-a * gn))
+        if out is not sb: out.copy_(sb)
+
+    if nd == 2:
+        stats = torch.zeros(4, max((xb[xi].shape[0] for xi, _ in blocks), default=0), 1, dtype=ct)
+        co = torch.tensor([a, b, 1.], dtype=ct)   # -ℓ in terms of the last three stats, for `simple`
+        # half logits carry at most 11 significant bits: float32 sums of fewer than 2^13 of them, and C·m, are as
+        # exact as sums of x - m would be, with no pass for it
+        exact_sums = half and w is None and k < 1 << 13
+    for xi, pi in blocks:
+        xc = xb[xi]
+        sb = stage[:xc.numel()].view(xc.shape) if stage is not None else grad[xi]
+        src = sb.copy_(xc) if half else xc
+        if nd == 2:   # classes contiguous: torch's fused softmax has the fastest exp
+            rows = xc.shape[0]
+            st = stats[:, :rows]   # the row statistics m, x_y, Σ_k w_k x_k, m - lse, written in place
+            ib, v, r = (idx[xi], None, None) if simple else _unsqueezed_terms(terms(tb[pi]))
+            m = torch.amax(src, 1, keepdim=True, out=st[0])
+            # every term relative to the row's largest logit m, so that shifted logits lose no precision: while
+            # |m| <= _SUM_SHIFT, x_y - m and Σ_k w_k x_k - W·m are as accurate as from x - m, with no pass for it
+            # (a NaN m, say in an ignored row, counts as large)
+            if not exact_sums and not m.abs().amax() <= _SUM_SHIFT: src = torch.sub(src, m, out=sb); m.zero_()
+            # a term whose coefficient is 0 is left at 0, so that a -inf logit cannot give 0·-inf = NaN
+            if a or not simple: torch.gather(src, 1, ib, out=st[1])
+            if b or not simple:
+                if w is None: torch.sum(src, 1, keepdim=True, out=st[2])
+                else: torch.mv(src, w, out=st[2].view(-1))
+            torch.ops.aten._softmax.out(src, 1, False, out=sb)
+            # log p = x - m - (lse - m), with m - lse the log of the largest probability, which lies in [1/C, 1]
+            torch.amax(sb, 1, keepdim=True, out=st[3]).log_()
+            st[1].sub_(m); st[2].sub_(m, alpha=W)   # x_y - m and Σ_k w_k (x_k - m), row by row, before any product
+            if simple:   # -ℓ = a (x_y - m) + b Σ_k (x_k - m) + (m - lse), as a + bC = 1: one product with the stats
+                nl = torch.mv(st[1:].view(3, rows).t(), co, out=None if loss is None else loss[pi])
+                if loss is None: total.sub_(nl.sum())
+                else: nl.neg_().add_(ent)
+            else:
+                nls = st[3]
+                add_loss(st[1].add_(nls), st[2].add_(nls, alpha=W), v, r, None if loss is None else loss[pi])
+            if want_grad: fix_grad(sb, ib, v, r, sb if stage is None else grad[xi])
+        else:   # N-d: log-softmax over the whole block, then the per-position terms in chunks of an eighth
+            torch.ops.aten._log_softmax.out(src, 1, False, out=sb)
+            chunks = _split(sb.shape, max(sb.numel() // 8, _MIN_BLOCK))
+            for si, spi in chunks:
+                sc = sb[si]
+                ib, v, r = (idx[xi][si], None, None) if simple else _unsqueezed_terms(terms(tb[pi][spi]))
+                lpw = sc.sum(1, keepdim=True) if w is None else torch.matmul(w, sc).unsqueeze(1)
+                add_loss(sc.gather(1, ib), lpw, v, r, None if loss is None else loss[pi][spi])
+                if want_grad and not simple: fix_grad(_exp_(sc), ib, v, r, sc if stage is None else grad[xi][si])
+            if want_grad and simple: fix_grad(_exp_(sb), idx[xi], None, None, sb if stage is None else grad[xi])
+    if nd == 2 and simple and loss is None: total.add_(xb.shape[0] * ent)
+    out = loss.view(x.shape[:1] + x.shape[2:]) if loss is not None else total * gn if reduction == 'mean' else total
+    return out, (None if grad is None else grad.view(x.shape))
+
+def _unsqueezed_terms(t):
+    "`terms` with a class dim of size 1 on each, to broadcast against a block"
+    return tuple(o.unsqueeze(1) for o in t)
+
+
 # %% ../nbs/00_losses.ipynb #63160e28
-def _small_rows(x, target, eps, weight, prior):
-    "Whether the lean small-input path applies"
-    return (weight is None and prior is None and eps.dim() == 0 and x.dim() == 2 and not target.is_floating_point()
-            and x.numel() <= _MIN_BLOCK and not _is_compiling())
+def _use_cpu_fused(x, target, eps, prior):
+    "Class-index targets on CPU logits with one ε and no prior take the CPU paths below (outside `torch.compile`)"
+    return (x.device.type == 'cpu' and not target.is_floating_point() and eps.dim() == 0 and prior is None
+            and not _is_compiling())
+
+def _small_rows(x, weight):
+    "Whether the lean small-input path applies: unweighted 2-D float32/float64 logits of at most `_MIN_BLOCK` elements"
+    return weight is None and x.dim() == 2 and x.numel() <= _MIN_BLOCK and x.dtype in (torch.float32, torch.float64)
 
 def _xlogx(t:float) -> float: return t * math.log(t) if t > 0 else 0.
 
-class _SmallLabelSmoothingCEFn(torch.autograd.Function):
-    "The unweighted 2-D class-index case in whole-tensor ops, for inputs small enough that per-op overhead dominates"
-    @staticmethod
-    def forward(ctx, x, target, eps, ignore_index, reduction, variant):
-        ct = _compute_dtype(x)
-        xc, k = x.to(ct), x.shape[1]
-        a, b = _coefs(eps.item(), k, variant)
+def _small_pass(x, target, beta:float, weight, ignore_index, reduction, variant, all_kept, want_grad):
+    "`_cpu_pass` for small unweighted 2-D logits, in the fewest whole-tensor ops: one fused `log_softmax`, then the sums"
+    ct, (n, k) = _compute_dtype(x), x.shape
+    a, b = 1 - beta, beta / k
+    lp = torch.log_softmax(x, 1)   # at this size a logits-sized temporary costs nothing; it becomes the gradient
+    if all_kept: keep, idx, denom = None, target.unsqueeze(1), float(n)
+    else:
         keep = target != ignore_index
-        safe = torch.where(keep, target, 0)
-        logp = torch.log_softmax(xc, 1)   # at this size a logits-sized temporary costs nothing, and one fused op is fastest
-        logp_y = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
-        # -(a log p_y + b sum_k log p_k); a term whose coefficient is 0 is left out, so that a -inf logit
-        # cannot give 0 * -inf = NaN
-        per_row = (logp_y * -a if b == 0 else logp.sum(1) * -b if a == 0
-                   else torch.add(logp_y * -a, logp.sum(1), alpha=-b))
-        if variant == 'kl': per_row += _xlogx(a + b) + (k - 1) * _xlogx(b)   # sum_k q_k log q_k
-        loss, v = torch.where(keep, per_row, 0.), keep.to(ct)
-        # a count of 0 kept rows comes with a total of 0: clamping the count to 1 gives 0 rather than NaN
-        denom = v.sum().clamp_min(1) if reduction == 'mean' else None
-        ctx.save_for_backward(x, target, safe, v, denom)
-        ctx.meta = reduction, a, b
-        _keep_spec(ctx, eps, None, ignore_index, reduction, variant, None)
-        if reduction == 'none': return loss
-        return loss.sum() if reduction == 'sum' else loss.sum() / denom
+        idx, denom = torch.where(keep, target, 0).unsqueeze(1), keep.sum().item()
+    gn = (1 / denom if denom else 0.) if reduction == 'mean' else 1.
+    ent = _xlogx(a + b) + (k - 1) * _xlogx(b) if variant == 'kl' else 0.   # Σ_k q_k log q_k
+    # ℓ = -(a log p_y + b Σ_k log p_k) + ent: a term whose coefficient is 0 is left out, so that a -inf logit
+    # cannot give 0·-inf = NaN
+    if keep is None and reduction != 'none':   # no per-row vector: the sums of both terms, -Σ log p_y by `nll_loss`
+        nll = F.nll_loss(lp, target, reduction='sum')
+        loss = (nll * (a * gn) if b == 0 else lp.sum() * (-b * gn) if a == 0
+                else torch.sub(nll, lp.sum(), alpha=b / a).mul_(a * gn))   # the scale gn folded in
+        if ent: loss += n * ent * gn
+    else:
+        lpy = lp.gather(1, idx)
+        loss = (lpy.squeeze(1) * -a if b == 0 else lp.sum(1) * -b if a == 0
+                else torch.add(lpy.squeeze(1), lp.sum(1), alpha=b / a).mul_(-a))
+        if ent: loss += ent
+        if keep is not None: loss = torch.where(keep, loss, 0.)
+        if reduction != 'none': loss = loss.sum() * gn
+    if not want_grad: return loss, None
+    # dℓ/dx_k = gn·(p_k - b - a·[k = y]) on kept rows
+    if keep is None:   # gn·p = exp2(log p·log2(e) + log2(gn)): the scale costs no pass of its own
+        p = torch.add(lp.new_full((), math.log2(gn) if gn else -math.inf), lp, alpha=_LOG2E, out=lp).exp2_()
+        if b: p.sub_(b * gn)
+        if a: p.scatter_(1, idx, -a * gn, reduce='add')   # a Python number: no tensor to build for it
+    else:
+        g = keep.to(ct).mul_(gn).unsqueeze(1)
+        p = _exp_(lp).sub_(b).mul_(g)
+        if a: p.scatter_add_(1, idx, g * -a)
+    return loss, p
+
+class _CPULabelSmoothingCEFn(torch.autograd.Function):
+    """Class-index targets on the CPU: the forward writes the gradient (for an incoming gradient of 1) into its own
+    buffer while the block is in cache; the backward hands that buffer over, scaled by the incoming gradient"""
+    @staticmethod
+    def forward(ctx, x, target, eps, weight, ignore_index, reduction, variant, all_kept, want_grad):
+        e = eps.item()
+        ctx.fn = _small_pass if _small_rows(x, weight) else _cpu_pass
+        ctx.args = _beta(e, x.shape[1], variant), weight, ignore_index, reduction, variant, all_kept
+        loss, ctx.grad = ctx.fn(x, target, *ctx.args, want_grad=want_grad)
+        ctx.save_for_backward(x, target)
+        _keep_spec(ctx, e, weight, ignore_index, reduction, variant, None)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, safe, v, denom = ctx.saved_tensors
-        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 5
-        reduction, a, b = ctx.meta
-        g = grad_out.to(v.dtype)
-        g = ((g / denom if reduction == 'mean' else g) * v).unsqueeze(1)
-        p = torch.softmax(x.to(v.dtype), 1).sub_(b).mul_(g)
-        p.scatter_add_(1, safe.unsqueeze(1), g * -a)
-        return p.to(x.dtype), None, None, None, None, None
+        x, target = ctx.saved_tensors
+        if torch.is_grad_enabled(): return (_grad_with_graph(ctx, x, target, grad_out),) + (None,) * 8
+        grad, ctx.grad = ctx.grad, None
+        # a second backward through a retained graph: the first one handed the buffer out, so compute it again
+        if grad is None: grad = ctx.fn(x, target, *ctx.args, want_grad=True)[1]
+        reduction = ctx.args[3]
+        if reduction == 'none': grad.mul_(grad_out.reshape(x.shape[:1] + (1,) + x.shape[2:]))
+        elif grad_out.item() != 1: grad.mul_(grad_out)
+        return (grad,) + (None,) * 8
+
 
 # %% ../nbs/00_losses.ipynb #198fd7b1
 def _differentiable_loss(x, target, eps:Tensor, weight, ignore_index, reduction, variant, prior=None):
@@ -448,13 +624,14 @@ def _differentiable_loss(x, target, eps:Tensor, weight, ignore_index, reduction,
     return _reduce(loss, reduction, denom)
 
 def _keep_spec(ctx, eps, weight, ignore_index, reduction, variant, prior):
-    "What a double backward needs to rebuild the loss; ε is copied, since `AnnealSmoothing` changes it in place"
-    ctx.spec = eps.detach().clone(), weight, ignore_index, reduction, variant, prior
+    "What a double backward needs to rebuild the loss; ε is copied (or taken as a float), since `AnnealSmoothing` changes it in place"
+    ctx.spec = (eps if isinstance(eps, float) else eps.detach().clone()), weight, ignore_index, reduction, variant, prior
 
 def _grad_with_graph(ctx, x, target, grad_out) -> Tensor:
     "The input's gradient as a differentiable function of `x` and `grad_out` (backward with `create_graph=True`)"
+    eps, *spec = ctx.spec
     with torch.enable_grad():
-        loss = _differentiable_loss(x, target, *ctx.spec)
+        loss = _differentiable_loss(x, target, torch.tensor(eps, dtype=torch.float64) if isinstance(eps, float) else eps, *spec)
         return torch.autograd.grad(loss, x, grad_out, create_graph=True)[0]
 
 # %% ../nbs/00_losses.ipynb #692500a7
@@ -464,19 +641,25 @@ def _needs_autograd(target, eps, weight, prior) -> bool:
     return not _is_compiling() and torch._C._are_functorch_transforms_active()
 
 def _label_smoothing_ce(input, target, eps:Tensor, weight, ignore_index, reduction, variant, prior=None, check_params=True):
+    # fastai's tensor types (TensorImage, TensorCategory, ...) send every op through `__torch_function__`: the loss
+    # works on plain views of them, which autograd connects to the originals
+    if isinstance(input, TensorBase): input = input.as_subclass(Tensor)
+    if isinstance(target, TensorBase): target = target.as_subclass(Tensor)
     if isinstance(input, Tensor) and input.dim() == 1 and isinstance(target, Tensor):   # unbatched (C,), as torch allows
         if target.shape != (input.shape if target.is_floating_point() else ()):
             raise ValueError(f"with unbatched input of shape {tuple(input.shape)}, the target must be one class index "
                              f"(shape ()) or a probability row of shape {tuple(input.shape)}; got shape {tuple(target.shape)}")
         loss = _label_smoothing_ce(input[None], target[None], eps, weight, ignore_index, reduction, variant, prior, check_params)
         return loss[0] if reduction == 'none' else loss
-    target = _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params)
+    target, all_kept = _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params)
     if _needs_autograd(target, eps, weight, prior):
         return _differentiable_loss(input, target, eps, weight, ignore_index, reduction, variant, prior)
     if _use_kernels(input, target, eps, prior):
         return _LabelSmoothingCEKernelFn.apply(input, target, eps, weight, ignore_index, reduction, variant)
-    if _small_rows(input, target, eps, weight, prior):
-        return _SmallLabelSmoothingCEFn.apply(input, target, eps, ignore_index, reduction, variant)
+    if _use_cpu_fused(input, target, eps, prior):
+        # inside `forward` grad mode is always off, and `needs_input_grad` ignores `torch.no_grad()`: decide here
+        want_grad = torch.is_grad_enabled() and input.requires_grad
+        return _CPULabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant, all_kept, want_grad)
     return _LabelSmoothingCEFn.apply(input, target, eps, weight, ignore_index, reduction, variant, prior)
 
 def label_smoothing_ce(
@@ -589,7 +772,15 @@ class LabelSmoothingCEFlat(BaseLoss):
     def prior(self, value): self.func.prior = value
 
     def __call__(self, inp:Tensor, targ:Tensor, **kwargs) -> Tensor:
-        if not (isinstance(targ, Tensor) and targ.is_floating_point()): return super().__call__(inp, targ, **kwargs)
+        if not (isinstance(targ, Tensor) and targ.is_floating_point()):
+            if (self.flatten and self.is_2d and not self.floatify and isinstance(inp, Tensor) and inp.dim() >= 2
+                and self.axis in (1, 1 - inp.dim()) and targ.shape == inp.shape[:1] + inp.shape[2:]):
+                # logits with classes on dim 1 are what the loss takes: no transposed copy of them, and no fastai
+                # tensor wrapping. Per-position losses come out in fastai's order (the target's, with dims 1 and -1
+                # swapped, then flattened)
+                loss = self.func(inp, targ, **kwargs)
+                return loss.transpose(1, -1).reshape(-1) if loss.dim() > 1 else loss
+            return super().__call__(inp, targ, **kwargs)
         # probability targets keep their class axis: flatten both to (-1, C)
         if targ.shape != inp.shape:
             raise ValueError(f"float targets are class probabilities and must have the input's shape {tuple(inp.shape)}; got {tuple(targ.shape)}")

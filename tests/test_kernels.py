@@ -29,7 +29,9 @@ SCRIPT = textwrap.dedent('''
                         (ref * torch.linspace(0.5, 1.5, ref.numel()).view(ref.shape)).sum().backward()
                         L.kernels.triton = triton
                         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-                        torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+                        # bf16: the CPU path rounds its gradient once forward and again when the incoming gradient
+                        # is not 1, the kernel once: up to 1.5 ulp (2^-7 each) apart
+                        torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=2e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
                         if variant == 'uniform':
                             x64 = x.detach().double()
                             t = F.cross_entropy(x64, y, weight=None if w is None else w.double(), label_smoothing=0.2, reduction=reduction)

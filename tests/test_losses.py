@@ -4,7 +4,7 @@ import pytest, torch, torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fastai.losses import LabelSmoothingCrossEntropy
 import fastai_ls.losses as L
-from fastai_ls.losses import LabelSmoothingCE, label_smoothing_ce, smooth_targets
+from fastai_ls.losses import LabelSmoothingCE, LabelSmoothingCEFlat, label_smoothing_ce, smooth_targets
 
 N_CASES = 400  # per property test (each also runs with tiny blocks)
 relaxed = settings(max_examples=N_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -217,12 +217,85 @@ def test_compile_functional_tensor_eps():
     assert compiles[0] >= 1 and compiles == compiles[:1] * 3, f"graphs compiled after each eps: {compiles}"
 
 def test_saved_state_is_O_N():
-    "Besides the input and target, backward keeps one float per position (the lse) and scalars"
+    "The general path's backward keeps, besides the input and target, one float per position and scalars"
     x = torch.randn(128, 1000, requires_grad=True); y = torch.randint(0, 1000, (128,))
-    loss = label_smoothing_ce(x, y)
+    loss = label_smoothing_ce(x, y, torch.full((128,), 0.1))   # one ε per position: the general path
+    assert type(loss.grad_fn).__name__ == '_LabelSmoothingCEFnBackward'
     saved = [t for t in loss.grad_fn.saved_tensors if t is not None]
     extra = [t for t in saved if t.data_ptr() not in (x.data_ptr(), y.data_ptr())]
-    assert sum(t.numel() for t in extra) <= 128 + 3, [t.shape for t in extra]
+    assert sum(t.numel() for t in extra) <= 2 * 128 + 3, [t.shape for t in extra]
+
+@pytest.mark.parametrize('shape', [(64, 37), (128, 1000), (2, 21, 40, 40)])
+def test_cpu_path_holds_only_the_gradient(shape):
+    "The CPU path keeps the input, the target and the gradient it computed forward, which backward hands over uncopied"
+    x = torch.randn(shape, requires_grad=True); y = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    loss = label_smoothing_ce(x, y)
+    assert type(loss.grad_fn).__name__ == '_CPULabelSmoothingCEFnBackward'
+    assert loss.grad_fn.grad.shape == x.shape
+    assert [t.data_ptr() for t in loss.grad_fn.saved_tensors] == [x.data_ptr(), y.data_ptr()]
+    held = loss.grad_fn.grad.data_ptr()   # the address only: a reference would make autograd copy the gradient
+    loss.backward()
+    assert x.grad.data_ptr() == held and loss.grad_fn.grad is None
+    ref = x.detach().clone().requires_grad_(); F.cross_entropy(ref, y, label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    with torch.no_grad(): assert label_smoothing_ce(x, y).grad_fn is None
+    assert label_smoothing_ce(x.detach(), y).grad_fn is None   # no gradient wanted: none computed or kept
+
+@pytest.mark.parametrize('reduction', ['none', 'mean', 'sum'])
+@pytest.mark.parametrize('shape', [(64, 37), (128, 1000), (2, 21, 40, 40)])
+def test_cpu_path_retained_graph(shape, reduction):
+    "A second backward through a retained graph (the buffer was handed out) computes the same gradient again"
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True); y = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    y.view(-1)[::7] = -100
+    w = torch.rand(shape[1], dtype=torch.float64) + 0.1
+    for weight in (None, w):
+        loss = label_smoothing_ce(x, y, 0.2, weight=weight, reduction=reduction).sum()
+        g1, = torch.autograd.grad(loss, x, retain_graph=True)
+        g2, = torch.autograd.grad(loss * 3, x)
+        ref = x.detach().clone().requires_grad_()
+        F.cross_entropy(ref, y, weight=weight, label_smoothing=0.2, reduction=reduction).sum().backward()
+        torch.testing.assert_close(g1, ref.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g2, 3 * ref.grad, rtol=1e-10, atol=1e-12)
+
+@pytest.mark.parametrize('shift', [0., 30., 64., 65., 1e3, -1e4])
+@pytest.mark.parametrize('weighted', [False, True])
+def test_cpu_sums_with_and_without_the_shift(shift, weighted):
+    "2-D logits sum x directly while |max| <= _SUM_SHIFT, and x - max beyond it: both as accurate as torch on float32"
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1000, generator=g) * 4 + shift   # above _MIN_BLOCK: the blockwise CPU route
+    x[::5, :200] = -1e4   # masked classes: sums of mixed magnitudes
+    y = torch.randint(0, 1000, (64,), generator=g)
+    w = torch.rand(1000, generator=g) + 0.1 if weighted else None
+    ours = label_smoothing_ce(x.requires_grad_(), y, 0.3, weight=w, reduction='none')
+    ref64 = F.cross_entropy(x.detach().double(), y, weight=None if w is None else w.double(), label_smoothing=0.3, reduction='none')
+    theirs = F.cross_entropy(x.detach(), y, weight=w, label_smoothing=0.3, reduction='none')
+    err, terr = (ours.double() - ref64).abs().max().item(), (theirs.double() - ref64).abs().max().item()
+    assert err <= max(2 * terr, 1e-5 * ref64.abs().max().item()), (err, terr)
+    ours.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    F.cross_entropy(x64, y, weight=None if w is None else w.double(), label_smoothing=0.3, reduction='sum').backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+def peak_bytes(fn):
+    "Peak of the CPU bytes allocated during `fn`, above what was live before it (the profiler's allocation events in time order)"
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'), key=lambda e: e.start_ns()):
+        live += e.nbytes(); peak = max(peak, live)
+    return peak
+
+@pytest.mark.parametrize('dtype, bound', [(torch.float32, 1.05), (torch.bfloat16, 1.25)])
+@pytest.mark.parametrize('shape', [(256, 37), (1024, 1000), (4, 21, 64, 64)])
+def test_cpu_peak_memory(shape, dtype, bound):
+    "Forward+backward allocates the gradient and little else: at most 1.05x the logits in float32, 1.25x in bfloat16"
+    x = (torch.randn(shape) * 3).to(dtype).requires_grad_(); y = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    def step(): label_smoothing_ce(x, y).backward(); x.grad = None
+    step()
+    peak = peak_bytes(step)
+    # half inputs work in a float32 block of a ninth of them, and of at least _MIN_BLOCK elements
+    floor = L._MIN_BLOCK * 4 if dtype != torch.float32 else 0
+    assert peak <= bound * x.numel() * x.element_size() + floor, peak / (x.numel() * x.element_size())
 
 def test_smooth_targets_nd_and_errors():
     y = torch.tensor([[0, 2], [1, -100]])
@@ -367,3 +440,71 @@ def test_cuda_hostile_inputs():
         torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(g.double(), g64, rtol=1e-3, atol=1e-6)
         torch.testing.assert_close(hv.double(), torch.autograd.grad(g64.sum(), x64)[0], rtol=1e-3, atol=1e-6)
+
+@pytest.mark.parametrize('reduction', ['none', 'mean', 'sum'])
+@pytest.mark.parametrize('shape', [(6, 5), (2, 5, 7), (2, 5, 3, 4)])
+def test_flat_takes_classes_on_dim_1_without_a_copy(shape, reduction):
+    "The Flat loss with classes on dim 1 gives fastai's flattened results, in fastai's order, without its transposed copy"
+    from fastai.losses import BaseLoss
+    x = torch.randn(shape); y = torch.randint(0, 5, (shape[0],) + shape[2:]); y.view(-1)[::4] = -100
+    lf = LabelSmoothingCEFlat(0.2, axis=-1 if len(shape) == 2 else 1, reduction=reduction)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, fastais = lf(a, y), BaseLoss.__call__(lf, b, y)   # fastai's route: transpose, copy, flatten
+    assert ours.shape == fastais.shape
+    torch.testing.assert_close(ours, fastais)
+    ours.sum().backward(); fastais.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    ref = F.cross_entropy(x, y, label_smoothing=0.2, reduction=reduction)
+    torch.testing.assert_close(ours, ref if reduction != 'none' else ref.transpose(1, -1).reshape(-1) if ref.dim() > 1 else ref)
+
+def test_flat_volumetric_pairs_logits_and_targets_by_position():
+    "(N, C, D, H, W): fastai's flattening would pair logits and targets of different positions; the loss does not"
+    x = torch.randn(2, 5, 2, 3, 4); y = torch.randint(0, 5, (2, 2, 3, 4))
+    torch.testing.assert_close(LabelSmoothingCEFlat(0.2, axis=1)(x, y), F.cross_entropy(x, y, label_smoothing=0.2))
+
+def test_fastai_tensor_types_are_computed_as_plain_tensors():
+    "TensorImage/TensorCategory inputs: the same loss and gradient, with no op of the loss dispatched through fastai's types"
+    from fastai.torch_core import TensorBase, TensorCategory
+    x, y = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    xs, xp = TensorBase(x.clone()).requires_grad_(), x.clone().requires_grad_()
+    calls = []
+    orig = TensorBase.__torch_function__.__func__
+    def spy(cls, func, types, args=(), kwargs=None):
+        calls.append(getattr(func, '__name__', str(func)))
+        return orig(cls, func, types, args, kwargs)
+    TensorBase.__torch_function__ = classmethod(spy)
+    try:
+        xs * 2
+        assert calls, "the spy sees fastai's dispatch"
+        calls.clear()
+        loss = label_smoothing_ce(xs, TensorCategory(y))
+    finally: TensorBase.__torch_function__ = classmethod(orig)
+    assert calls == [], calls
+    loss.backward(); label_smoothing_ce(xp, y).backward()
+    torch.testing.assert_close(xs.grad, xp.grad)
+
+def test_cpu_reduced_losses_keep_row_precision():
+    "Row statistics are combined row by row, relative to the row's max: no cancellation across rows or for shifted half logits"
+    n = 32768   # rows of logits near 63 (under _SUM_SHIFT): summed over rows first, their cancellation would cost ~1e-3
+    x = torch.stack([63 + torch.rand(n), 40 + torch.rand(n)], 1); y = torch.zeros(n, dtype=torch.long); y[:5] = 1
+    ref = F.cross_entropy(x.double(), y, reduction='sum').item()
+    assert abs(label_smoothing_ce(x, y, 0., reduction='sum').item() - ref) <= 1e-6 * ref
+    for dt, shift in [(torch.bfloat16, 1e7), (torch.bfloat16, 1e5), (torch.float16, 2e4), (torch.float16, 0.)]:
+        xh = (torch.randn(64, 10) * 3 + shift).to(dt); yh = torch.randint(0, 10, (64,))
+        for red in ('mean', 'none'):
+            torch.testing.assert_close(label_smoothing_ce(xh, yh, 0.1, reduction=red).double(),
+                                       F.cross_entropy(xh.double(), yh, label_smoothing=0.1, reduction=red), rtol=1e-6, atol=1e-6)
+    # a NaN row, ignored, must not switch its block to the unshifted sums
+    x = torch.randn(2048, 10) * 2 + 1e5; y = torch.randint(0, 10, (2048,)); y[0] = -100; x[0] = float('nan')
+    torch.testing.assert_close(label_smoothing_ce(x, y, 0.1).double(), F.cross_entropy(x.double(), y, label_smoothing=0.1),
+                               rtol=1e-6, atol=0)
+
+@pytest.mark.parametrize('shape', [(1024, 1000), (4, 21, 64, 64)])
+def test_no_gradient_is_computed_under_no_grad(shape):
+    "Under torch.no_grad() (validation, get_preds) the loss computes no gradient, and allocates a block, not logits"
+    x = torch.randn(shape, requires_grad=True); y = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    out = []
+    with torch.no_grad(): peak = peak_bytes(lambda: out.append(label_smoothing_ce(x, y)))
+    assert out[0].grad_fn is None
+    torch.testing.assert_close(out[0], F.cross_entropy(x.detach(), y, label_smoothing=0.1))
+    assert peak < 0.3 * x.numel() * 4, peak / (x.numel() * 4)   # a float32 block of a ninth (and softmax's copy of it)

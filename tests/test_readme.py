@@ -29,3 +29,10 @@ def test_result_tables_match_the_committed_csvs():
     assert len(marked) >= 2, "README.md has no marked results tables"
     for run, table in marked:
         assert table.strip() == format_table(pd.read_csv(ROOT/'bench'/'results'/run/'results.csv'), cols), run
+
+def test_speed_table_is_the_committed_run():
+    "README's CPU speed table is the summary table of the committed `bench/bench_loss.py` run, as printed"
+    marked = re.search(r'<!-- bench: ([\w.]+) -->\n((?:\|.*\n)+)', README)
+    assert marked, "README.md has no marked benchmark table"
+    tables = re.findall(r'(?:^\|.*\n)+', (ROOT/'bench'/'results'/marked[1]).read_text(), flags=re.M)
+    assert marked[2] == tables[-1]
