@@ -507,7 +507,12 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
             if want_grad: fix_grad(sb, ib, v, r, sb if stage is None else grad[xi])
         else:   # N-d: log-softmax over the whole block, then the per-position terms in chunks of an eighth
             torch.ops.aten._log_softmax.out(src, 1, False, out=sb)
-            chunks = _split(sb.shape, max(sb.numel() // 8, _MIN_BLOCK))
+            # a reduced simple loss needs only the totals: -Σ log p_y from `nll_loss` and Σ log p, no per-position vector
+            if simple and loss is None:
+                if a: total.add_(F.nll_loss(sb, tb[pi], reduction='sum'), alpha=a)
+                if b: total.sub_(sb.sum(), alpha=b)
+                if ent: total.add_(tb[pi].numel() * ent)
+            chunks = [] if simple and loss is None else _split(sb.shape, max(sb.numel() // 8, _MIN_BLOCK))
             for si, spi in chunks:
                 sc = sb[si]
                 ib, v, r = (idx[xi][si], None, None) if simple else _unsqueezed_terms(terms(tb[pi][spi]))
