@@ -421,10 +421,10 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
     ent = _xlogx(a + b) + (k - 1) * _xlogx(b) if variant == 'kl' else 0.   # Σ_k q_k log q_k in the simple case
 
     def terms(tc):
-        "For a block of targets: safe class indices, the kept mask v and the target weights r"
-        keep = tc != ignore_index
+        "For a block of targets: safe class indices, the kept mask v and the target weights r, on a class dim of size 1"
+        keep = tc.unsqueeze(1) != ignore_index
         v = keep.to(ct)
-        safe = torch.where(keep, tc, 0)
+        safe = torch.where(keep, tc.unsqueeze(1), 0)
         return safe, v, (v if w is None else w[safe] * v)
 
     if reduction != 'mean': gn = 1.
@@ -482,7 +482,7 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
         if nd == 2:   # classes contiguous: torch's fused softmax has the fastest exp
             rows = xc.shape[0]
             st = stats[:, :rows]   # the row statistics m, x_y, Σ_k w_k x_k, m - lse, written in place
-            ib, v, r = (idx[xi], None, None) if simple else _unsqueezed_terms(terms(tb[pi]))
+            ib, v, r = (idx[xi], None, None) if simple else terms(tb[pi])
             m = torch.amax(src, 1, keepdim=True, out=st[0])
             # every term relative to the row's largest logit m, so that shifted logits lose no precision: while
             # |m| <= _SUM_SHIFT, x_y - m and Σ_k w_k x_k - W·m are as accurate as from x - m, with no pass for it
@@ -511,22 +511,18 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
             if simple and loss is None:
                 if a: total.add_(F.nll_loss(sb, tb[pi], reduction='sum'), alpha=a)
                 if b: total.sub_(sb.sum(), alpha=b)
-                if ent: total.add_(tb[pi].numel() * ent)
             chunks = [] if simple and loss is None else _split(sb.shape, max(sb.numel() // 8, _MIN_BLOCK))
             for si, spi in chunks:
                 sc = sb[si]
-                ib, v, r = (idx[xi][si], None, None) if simple else _unsqueezed_terms(terms(tb[pi][spi]))
+                ib, v, r = (idx[xi][si], None, None) if simple else terms(tb[pi][spi])
                 lpw = sc.sum(1, keepdim=True) if w is None else torch.matmul(w, sc).unsqueeze(1)
                 add_loss(sc.gather(1, ib), lpw, v, r, None if loss is None else loss[pi][spi])
                 if want_grad and not simple: fix_grad(_exp_(sc), ib, v, r, sc if stage is None else grad[xi][si])
             if want_grad and simple: fix_grad(_exp_(sb), idx[xi], None, None, sb if stage is None else grad[xi])
-    if nd == 2 and simple and loss is None: total.add_(xb.shape[0] * ent)
+    if simple and loss is None: total.add_(tb.numel() * ent)   # the target entropy of every position, for 'kl'
     out = loss.view(x.shape[:1] + x.shape[2:]) if loss is not None else total * gn if reduction == 'mean' else total
     return out, (None if grad is None else grad.view(x.shape))
 
-def _unsqueezed_terms(t):
-    "`terms` with a class dim of size 1 on each, to broadcast against a block"
-    return tuple(o.unsqueeze(1) for o in t)
 
 
 # %% ../nbs/00_losses.ipynb #63160e28
