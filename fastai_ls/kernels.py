@@ -15,9 +15,12 @@ try:
 except ImportError: triton = None   # CPU-only torch builds ship without triton; the loss then uses its torch path
 
 # %% ../nbs/05_kernels.ipynb #4be4a418
+# Triton reads TRITON_INTERPRET when it compiles `@triton.jit` functions, on import: so does this module
+_INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
+
 def triton_ok(x) -> bool:
     "Whether the Triton kernels can run on `x`"
-    return triton is not None and (x.is_cuda or os.environ.get('TRITON_INTERPRET') == '1')
+    return triton is not None and (x.is_cuda or _INTERPRET)
 
 def _block(k): return min(max(triton.next_power_of_2(k), 16), 4096)
 

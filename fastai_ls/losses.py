@@ -29,6 +29,7 @@ def _check_choice(name, value, choices):
 
 def _check_eps(eps) -> float:
     "`eps` as a float, checked to lie in [0, 1): a real number, or a tensor or NumPy array holding one"
+    if type(eps) is float and 0 <= eps < 1: return eps   # what a schedule sets before every batch, at once
     if isinstance(eps, np.ndarray) and eps.dtype.kind in 'iuf': eps = torch.from_numpy(eps)
     if isinstance(eps, Tensor):
         if eps.numel() != 1 or eps.dtype == torch.bool or eps.is_complex():
@@ -84,6 +85,11 @@ def _check_prior(prior, n_classes:int|None=None, variant:str='uniform'):
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
+def _extremes(t:Tensor) -> tuple[int, int]:
+    "The smallest and largest value of an integer tensor, in one reduction"
+    mm = torch.aminmax(t)
+    return mm.min.item(), mm.max.item()
+
 def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, prior, check_params=True) -> tuple[Tensor, bool]:
     "Raise a clear error for anything `label_smoothing_ce` cannot compute correctly; return class indices as int64, and whether no target is ignored for sure"
     all_kept = False
@@ -115,10 +121,10 @@ def _check_inputs(input, target, eps, weight, ignore_index, reduction, variant, 
         if target.dtype != torch.int64: target = target.long()
         if not (_is_compiling() or _functorch_wrapped(target)) and target.numel():
             # one reduction and one sync in the common case; the extremes also tell when no target is ignore_index
-            lo, hi = torch.stack(torch.aminmax(target)).tolist()
+            lo, hi = _extremes(target)
             all_kept = not lo <= ignore_index <= hi
             if (lo < 0 or hi >= n_classes) and not all_kept:   # the extremes of the kept targets
-                lo, hi = torch.stack(torch.aminmax(torch.where(target == ignore_index, 0, target))).tolist()
+                lo, hi = _extremes(torch.where(target == ignore_index, 0, target))
             if lo < 0 or hi >= n_classes:
                 bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
                 if bool(bad.any()):
@@ -185,8 +191,8 @@ def _split(shape, budget):
     "Index pairs covering (N, C[, S]) logits in blocks of about `budget` elements: whole rows, or columns of one row"
     n, k, s = shape[0], shape[1], (shape[2] if len(shape) == 3 else 1)
     if n * k * s == 0: return []
-    if len(shape) == 2 or k * s <= budget:   # whole rows (a row of a 2-D input is never split)
-        rows, rest = max(1, budget // (k * s)), ((slice(None),) if len(shape) == 3 else ())
+    if len(shape) == 2 or k * s <= budget:   # whole rows (a row of a 2-D input is never split), in blocks of equal size
+        rows, rest = -(-n // -(-n * k * s // budget)), ((slice(None),) if len(shape) == 3 else ())
         return [((slice(i, i + rows), slice(None)) + rest, (slice(i, i + rows),) + rest) for i in range(0, n, rows)]
     cols = max(1, budget // k)
     return [((slice(i, i + 1), slice(None), slice(j, j + cols)), (slice(i, i + 1), slice(j, j + cols)))
@@ -405,8 +411,22 @@ def _cpu_blocks(shape, staged):
     logits go in quarters (of at most `_MAX_BLOCK` elements), and N-d ones in as few blocks as possible, since torch's
     ops over a class dim that is not the last are fastest on whole tensors (their per-position terms are chunked)"""
     numel = math.prod(shape)
-    budget = numel // 9 if staged else numel // 4 if len(shape) == 2 else 4 * _MAX_BLOCK
+    budget = -(-numel // 9) if staged else numel // 4 if len(shape) == 2 else 4 * _MAX_BLOCK
     return _split(shape, min(max(budget, _MIN_BLOCK), 4 * _MAX_BLOCK if len(shape) == 3 and not staged else _MAX_BLOCK))
+
+def _in_grad_blocks(n, k):
+    """Row blocks of half (N, C) logits with a gradient, each with whether its float32 work fits in the part of the
+    gradient not yet written (past the block's own rows: a third of the rows left, at most `_MAX_BLOCK` elements) or
+    takes the stage of a ninth of the rows. The first blocks are larger than a ninth: about 6 blocks where 9 were
+    needed, and every block costs about 80 µs of per-op overhead"""
+    cap, most, lo, out = -(-n // 9), max(1, _MAX_BLOCK // k), 0, []
+    while lo < n:
+        tail = min((n - lo) * k - 1, 3 * most * k) // (3 * k)   # rows r with 2 r C float32-aligned bf16 slots past them
+        fits = tail >= min(cap, most)
+        rows = tail if fits else min(n - lo, cap, most)
+        out.append(((slice(lo, lo + rows), slice(None)), (slice(lo, lo + rows),), fits))
+        lo += rows
+    return out
 
 def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, all_kept, want_grad):
     """One walk over the logits in blocks: the reduced (or per-position) loss and, with `want_grad`, the gradient of that
@@ -416,7 +436,8 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
     k, nd, positions = xb.shape[1], xb.dim(), xb.shape[:1] + xb.shape[2:]
     w = None if weight is None else weight.to(ct)
     a, b, W = 1 - beta, beta / k, (float(k) if w is None else w.sum().item())   # q = a·onehot + b·w
-    blocks = _cpu_blocks(xb.shape, half or not want_grad)
+    blocks = [b + (False,) for b in _cpu_blocks(xb.shape, half or not want_grad)]
+    if half and want_grad and nd == 2 and len(blocks) > 1: blocks = _in_grad_blocks(*xb.shape)
     simple = all_kept and w is None   # every position kept with weight 1: every coefficient is a Python float
     ent = _xlogx(a + b) + (k - 1) * _xlogx(b) if variant == 'kl' else 0.   # Σ_k q_k log q_k in the simple case
 
@@ -429,15 +450,16 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
 
     if reduction != 'mean': gn = 1.
     else:   # the mean divides by the summed target weights of the kept positions; by 0: the loss and gradient are 0
-        denom = float(tb.numel()) if simple else sum(terms(tb[pi])[2].sum().item() for _, pi in blocks)
+        denom = float(tb.numel()) if simple else sum(terms(tb[pi])[2].sum().item() for _, pi, _ in blocks)
         gn = 1 / denom if denom > 0 else 0.
     grad = torch.empty(xb.shape, dtype=x.dtype) if want_grad else None
     loss = torch.empty(positions, dtype=ct) if reduction == 'none' else None
     total = torch.zeros((), dtype=ct)
     # a block works in the gradient itself; half inputs, a forward without gradient and the columns of one row
     # (torch's softmax would copy them) work in one contiguous float32 block
-    stage = (torch.empty(max(math.prod(xb[xi].shape) for xi, _ in blocks), dtype=ct)
-             if blocks and (half or not want_grad or not grad[blocks[-1][0]].is_contiguous()) else None)
+    staged = [math.prod(xb[xi].shape) for xi, _, in_grad in blocks if not in_grad]
+    stage = (torch.empty(max(staged), dtype=ct)
+             if staged and (half or not want_grad or not grad[blocks[-1][0]].is_contiguous()) else None)
     idx = tb.unsqueeze(1)   # class indices on a class dim of size 1: `gather`'s and `scatter_add_`'s index
     c, cy = torch.full((), -b * gn, dtype=ct), torch.full((), -a * gn, dtype=ct)
 
@@ -470,40 +492,61 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
         if out is not sb: out.copy_(sb)
 
     if nd == 2:
-        stats = torch.zeros(4, max((xb[xi].shape[0] for xi, _ in blocks), default=0), 1, dtype=ct)
+        # the row statistics m, x_y, Σ_k w_k x_k, m - lse of a span of rows, combined once the span is done: every op
+        # on them costs about what a pass over a block does. A span covers all rows when there are 128 classes or more,
+        # and never takes more than 1/32 of the logits' elements
+        n = xb.shape[0]
+        span = n if xb.numel() // 128 >= n else max(xb.numel() // 128, *(xb[xi].shape[0] for xi, _, _ in blocks))
+        stats = torch.zeros(4, span, 1, dtype=ct)
         co = torch.tensor([a, b, 1.], dtype=ct)   # -ℓ in terms of the last three stats, for `simple`
         # half logits carry at most 11 significant bits: float32 sums of fewer than 2^13 of them, and C·m, are as
         # exact as sums of x - m would be, with no pass for it
         exact_sums = half and w is None and k < 1 << 13
-    for xi, pi in blocks:
+
+    def add_rows(lo, hi):
+        "Combine the row statistics of rows lo:hi into their losses, row by row, relative to each row's largest logit"
+        st, rows = stats[:, :hi - lo], hi - lo
+        m = st[0]
+        st[3].log_()   # log p = x - m - (lse - m), with m - lse the log of the largest probability, in [1/C, 1]
+        if a or not simple: st[1].sub_(m)   # x_y - m and Σ_k w_k (x_k - m), row by row, before any product
+        if b or not simple: st[2].sub_(m, alpha=W)
+        if simple:   # -ℓ = a (x_y - m) + b Σ_k (x_k - m) + (m - lse), as a + bC = 1: one product with the stats
+            nl = torch.mv(st[1:].view(3, rows).t(), co, out=None if loss is None else loss[lo:hi])
+            if loss is None: total.sub_(nl.sum())
+            else: nl.neg_().add_(ent)
+        else:
+            _, v, r = terms(tb[lo:hi])
+            nls = st[3]
+            add_loss(st[1].add_(nls), st[2].add_(nls, alpha=W), v, r, None if loss is None else loss[lo:hi])
+
+    base = 0   # the first row of the current span
+    for xi, pi, in_grad in blocks:
         xc = xb[xi]
-        sb = stage[:xc.numel()].view(xc.shape) if stage is not None else grad[xi]
+        if in_grad:   # float32 slots in the gradient's bytes past this block's rows (bf16 offsets even: 4-byte aligned)
+            at = -(-pi[0].stop * k // 2) * 2
+            sb = grad.view(-1)[at:at + 2 * xc.numel()].view(ct).view(xc.shape)
+        else: sb = stage[:xc.numel()].view(xc.shape) if stage is not None else grad[xi]
         src = sb.copy_(xc) if half else xc
         if nd == 2:   # classes contiguous: torch's fused softmax has the fastest exp
-            rows = xc.shape[0]
-            st = stats[:, :rows]   # the row statistics m, x_y, Σ_k w_k x_k, m - lse, written in place
+            lo, hi = pi[0].start, min(pi[0].stop, n)
+            if hi - base > span: add_rows(base, lo); base = lo
+            st = stats[:, lo - base:hi - base]
             ib, v, r = (idx[xi], None, None) if simple else terms(tb[pi])
             m = torch.amax(src, 1, keepdim=True, out=st[0])
             # every term relative to the row's largest logit m, so that shifted logits lose no precision: while
             # |m| <= _SUM_SHIFT, x_y - m and Σ_k w_k x_k - W·m are as accurate as from x - m, with no pass for it
             # (a NaN m, say in an ignored row, counts as large)
-            if not exact_sums and not m.abs().amax() <= _SUM_SHIFT: src = torch.sub(src, m, out=sb); m.zero_()
+            if not exact_sums:
+                m_lo, m_hi = _extremes(m)
+                if not (-m_lo <= _SUM_SHIFT and m_hi <= _SUM_SHIFT): src = torch.sub(src, m, out=sb); m.zero_()
             # a term whose coefficient is 0 is left at 0, so that a -inf logit cannot give 0·-inf = NaN
             if a or not simple: torch.gather(src, 1, ib, out=st[1])
             if b or not simple:
                 if w is None: torch.sum(src, 1, keepdim=True, out=st[2])
                 else: torch.mv(src, w, out=st[2].view(-1))
             torch.ops.aten._softmax.out(src, 1, False, out=sb)
-            # log p = x - m - (lse - m), with m - lse the log of the largest probability, which lies in [1/C, 1]
-            torch.amax(sb, 1, keepdim=True, out=st[3]).log_()
-            st[1].sub_(m); st[2].sub_(m, alpha=W)   # x_y - m and Σ_k w_k (x_k - m), row by row, before any product
-            if simple:   # -ℓ = a (x_y - m) + b Σ_k (x_k - m) + (m - lse), as a + bC = 1: one product with the stats
-                nl = torch.mv(st[1:].view(3, rows).t(), co, out=None if loss is None else loss[pi])
-                if loss is None: total.sub_(nl.sum())
-                else: nl.neg_().add_(ent)
-            else:
-                nls = st[3]
-                add_loss(st[1].add_(nls), st[2].add_(nls, alpha=W), v, r, None if loss is None else loss[pi])
+            torch.amax(sb, 1, keepdim=True, out=st[3])
+            if hi == n: add_rows(base, hi)
             if want_grad: fix_grad(sb, ib, v, r, sb if stage is None else grad[xi])
         else:   # N-d: log-softmax over the whole block, then the per-position terms in chunks of an eighth
             torch.ops.aten._log_softmax.out(src, 1, False, out=sb)
@@ -528,7 +571,7 @@ def _cpu_pass(x, target, beta:float, weight, ignore_index, reduction, variant, a
 # %% ../nbs/00_losses.ipynb #63160e28
 def _use_cpu_fused(x, target, eps, prior):
     "Class-index targets on CPU logits with one ε and no prior take the CPU paths below (outside `torch.compile`)"
-    return (x.device.type == 'cpu' and not target.is_floating_point() and eps.dim() == 0 and prior is None
+    return (x.is_cpu and not target.is_floating_point() and eps.dim() == 0 and prior is None
             and not _is_compiling())
 
 def _small_rows(x, weight):

@@ -4,7 +4,7 @@ import cloudpickle, pytest, torch, torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from fastcore.basics import store_attr
-from fastai.callback.core import (Callback, CancelBatchException, CancelTrainException, CancelValidException,
+from fastai.callback.core import (_events, Callback, CancelBatchException, CancelTrainException, CancelValidException,
                                   CancelEpochException, CancelFitException)
 from fastai.callback.mixup import MixUp, CutMix
 from fastai.callback.progress import ProgressCallback
@@ -148,6 +148,24 @@ def test_loss_follows_schedule(method, kw):
     plain = mk_learner(LabelSmoothingCE(EPS0))
     getattr(plain, method)(2, **kw)
     assert lrs == plain.recorder.lrs
+    check_clean(learn, loss)
+
+def test_events_without_a_method_are_skipped_and_a_subclass_keeps_its_own(monkeypatch):
+    "fastai's event lookup runs only for the events the class defines, a subclass's included; the schedule is unchanged"
+    looked_up = []
+    orig = Callback.__call__
+    def spy_call(self, event_name):
+        if isinstance(self, AnnealSmoothing): looked_up.append(event_name)
+        return orig(self, event_name)
+    monkeypatch.setattr(Callback, '__call__', spy_call)
+    class Counting(AnnealSmoothing):
+        def after_batch(self): self.seen = getattr(self, 'seen', 0) + 1
+    loss = LabelSmoothingCE(EPS0)
+    learn = mk_learner(loss, cbs=[cb := Counting(eps_cos(0.2, 0.)), spy := Spy(loss)])
+    learn.fit(1)
+    assert cb.seen == n_iter(learn)   # training batches only: run_valid is False
+    assert {'before_fit', 'before_batch', 'after_batch', 'after_fit'} <= set(looked_up) <= {e for e in _events if hasattr(Counting, e)}
+    assert spy.eps == pytest.approx([cos_ref(0.2, 0.)(p) for p in spy.pcts], abs=1e-12)
     check_clean(learn, loss)
 
 @pytest.mark.parametrize('mk_loss', [

@@ -276,6 +276,26 @@ def test_cpu_sums_with_and_without_the_shift(shift, weighted):
     F.cross_entropy(x64, y, weight=None if w is None else w.double(), label_smoothing=0.3, reduction='sum').backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('reduction', ['none', 'mean', 'sum'])
+def test_half_blocks_working_in_the_gradient(dtype, reduction):
+    "Half 2-D logits work in float32 slots of the gradient's unwritten rows: odd sizes (odd offsets), weights, ignored rows"
+    n, k = 1031, 997
+    assert any(in_grad for *_, in_grad in L._in_grad_blocks(n, k))   # this shape takes that route
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(n, k, generator=g) * 4).to(dtype).requires_grad_()
+    y = torch.randint(0, k, (n,), generator=g); y[::7] = -100
+    w = torch.rand(k, generator=g) + 0.1
+    for weight in (None, w):
+        loss = label_smoothing_ce(x, y, 0.2, weight=weight, reduction=reduction)
+        grad, = torch.autograd.grad(loss.sum(), x)
+        x64 = x.detach().double().requires_grad_()
+        ref = F.cross_entropy(x64, y, weight=None if weight is None else weight.double(), label_smoothing=0.2, reduction=reduction)
+        ref.sum().backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        # one rounding of an exact float32 gradient to the half dtype (bf16: 8 significant bits)
+        torch.testing.assert_close(grad.double(), x64.grad, rtol=2 ** -7, atol=1e-3 * x64.grad.abs().max().item())
+
 def peak_bytes(fn):
     "Peak of the CPU bytes allocated during `fn`, above what was live before it (the profiler's allocation events in time order)"
     from torch.profiler import profile, ProfilerActivity

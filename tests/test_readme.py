@@ -30,9 +30,10 @@ def test_result_tables_match_the_committed_csvs():
     for run, table in marked:
         assert table.strip() == format_table(pd.read_csv(ROOT/'bench'/'results'/run/'results.csv'), cols), run
 
-def test_speed_table_is_the_committed_run():
-    "README's CPU speed table is the summary table of the committed `bench/bench_loss.py` run, as printed"
-    marked = re.search(r'<!-- bench: ([\w.]+) -->\n((?:\|.*\n)+)', README)
-    assert marked, "README.md has no marked benchmark table"
-    tables = re.findall(r'(?:^\|.*\n)+', (ROOT/'bench'/'results'/marked[1]).read_text(), flags=re.M)
-    assert marked[2] == tables[-1]
+def test_speed_tables_are_the_committed_runs():
+    "Each README table marked `<!-- bench: FILE -->` is the last table of the committed benchmark run in bench/results/FILE, as printed"
+    marked = re.findall(r'<!-- bench: ([\w.]+) -->\n((?:\|.*\n)+)', README)
+    assert {f for f, _ in marked} >= {'bench_loss_cpu_2cores.txt', 'bench_step_cpu_2cores.txt'}, marked
+    for run, table in marked:
+        tables = re.findall(r'(?:^\|.*\n)+', (ROOT/'bench'/'results'/run).read_text(), flags=re.M)
+        assert table == tables[-1], run
